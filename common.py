@@ -1,0 +1,652 @@
+"""Shared machinery for the four unlearning methods, and nothing more.
+
+What every method file needs: arguments from a dataclass, seeding and device setup, loading a
+Stable Diffusion model (hub id, local folder, or the offline toy world) through one code path,
+prompt encoding and the prompt sets of a concept, DDIM sampling (deterministic, or stochastic
+with per-step Gaussian log-probabilities for the RL method), noising clean latents for
+denoising losses, choosing which UNet parameters train, and writing an output folder safely.
+
+The method-specific math lives in the method files, where a reader looks for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import sys
+import time
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+ROOT = Path(__file__).resolve().parent
+TOY_DIR = ROOT / "toy"
+DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
+
+
+class UsageError(Exception):
+    """A mistake in what the user asked for: printed as one sentence, never as a traceback."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments: one dataclass per method -> argparse, with --help for free
+# ---------------------------------------------------------------------------------------------
+
+def arg(default, help: str, **kwargs):
+    """A dataclass field with a help string (and optional argparse `choices`)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kwargs})
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+def parse_args(cls, argv: list[str] | None = None):
+    """Build an argparse parser from the dataclass `cls` and return a filled instance.
+
+    `bool` fields become `--flag / --no-flag`, `list[str]` fields take several values, and a
+    default of None means "resolved later" (toy vs SD defaults, see `fill_defaults`).
+    """
+    hints = typing.get_type_hints(cls)
+    parser = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").strip(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # Optional[X] / X | None
+            kind = [a for a in typing.get_args(kind) if a is not type(None)][0]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f.metadata.get("help", "")
+        help_text += " (default: %(default)s)" if default not in (None, []) else ""
+        kw = dict(default=default, help=help_text)
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        name = "--" + f.name.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, **kw)
+        elif typing.get_origin(kind) is list:
+            parser.add_argument(name, nargs="*", type=typing.get_args(kind)[0], **kw)
+        else:
+            parser.add_argument(name, type=kind, **kw)
+    return cls(**vars(parser.parse_args(argv)))
+
+
+def fill_defaults(args, defaults: dict) -> None:
+    """Set every field of `args` that is still None from `defaults` (the toy or the SD column)."""
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
+def cli(main) -> None:
+    """Run `main()`, turning a UsageError into one clear line on stderr and exit code 2."""
+    try:
+        main()
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: nothing was saved.", file=sys.stderr)
+        sys.exit(130)
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup: seed, device, precision
+# ---------------------------------------------------------------------------------------------
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def setup(seed: int, device: str = "auto", mixed_precision: str = "no") -> tuple[torch.device, torch.dtype]:
+    """Seed everything and return (device, dtype for autocast and frozen weights)."""
+    seed_everything(seed)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but this machine has no CUDA GPU; "
+                         "use --device cpu (or auto).")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise UsageError(f"unknown --device {device!r}: use auto, cpu or cuda.")
+    dev = torch.device(device)
+    dtypes = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if mixed_precision not in dtypes:
+        raise UsageError(f"unknown --mixed-precision {mixed_precision!r}: use no, fp16 or bf16.")
+    if mixed_precision == "fp16" and dev.type == "cpu":
+        raise UsageError("--mixed-precision fp16 needs a CUDA GPU; on the CPU use bf16 or no.")
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return dev, dtypes[mixed_precision]
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed-precision context for the forward passes (a no-op in full precision)."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models: hub id, local folder or "toy", one code path
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Models:
+    """Everything a method needs from a Stable Diffusion checkpoint."""
+    name: str                 # as the user gave it ("toy", a hub id, a folder)
+    path: str                 # what was loaded from (folder or hub id)
+    tokenizer: typing.Any
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module     # float32 master weights: the one that trains
+    scheduler: typing.Any     # DDIMScheduler built from the model's scheduler config
+    device: torch.device
+    dtype: torch.dtype        # autocast / frozen-module dtype
+    toy: dict | None = None   # toy/toy.json (vocabulary, recommended sampling) when --model toy
+    sample_steps: int = 50
+    guidance_scale: float = 7.5
+    _prompt_cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def is_toy(self) -> bool:
+        return self.toy is not None
+
+
+def resolve_model(model: str) -> tuple[str, dict | None]:
+    """'toy' -> the shipped toy pipeline folder (+ its toy.json); else the folder or hub id."""
+    if model == "toy":
+        folder = TOY_DIR / "pipeline"
+        if not (folder / "model_index.json").exists():
+            raise UsageError(f"the toy model is missing from {folder}; rebuild it with `python -m toy.build`.")
+        return str(folder), json.loads((TOY_DIR / "toy.json").read_text())
+    folder = Path(model)
+    if folder.exists():
+        if not (folder / "model_index.json").exists() and not (folder / "unet").exists():
+            raise UsageError(f"{model} is a folder but not a diffusers Stable Diffusion folder "
+                             "(no model_index.json).")
+        toy_json = folder.parent / "toy.json"  # a copy of the toy keeps its vocabulary
+        return str(folder), (json.loads(toy_json.read_text()) if toy_json.exists() else None)
+    return model, None
+
+
+def load_models(model: str, device: torch.device, dtype: torch.dtype = torch.float32,
+                unet_path: str | None = None) -> Models:
+    """Tokenizer, CLIP text encoder, VAE, UNet and a DDIM scheduler, safetensors only.
+
+    Frozen parts (text encoder, VAE) are in eval mode without gradients, in `dtype`; the UNet
+    stays float32 (it is what trains; autocast handles mixed precision). `unet_path` loads a
+    trained UNet folder instead of the model's own.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path, toy = resolve_model(model)
+    kw = dict(use_safetensors=True)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype, **kw)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, **kw)
+        if unet_path:
+            unet = UNet2DConditionModel.from_pretrained(unet_path, torch_dtype=torch.float32, **kw)
+        else:
+            unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=torch.float32, **kw)
+        scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
+    except (OSError, ValueError) as e:
+        if Path(path).exists():
+            raise UsageError(f"could not load the model in {path}: {str(e).splitlines()[0]}") from None
+        raise UsageError(f"could not load model {model!r}: it is not a local folder and the Hugging Face "
+                         "hub could not provide it (offline or not in the cache); to run offline, use "
+                         "--model toy.") from None
+    for m in (text_encoder, vae):
+        m.to(device).eval().requires_grad_(False)
+    unet.to(device)
+    models = Models(model, path, tokenizer, text_encoder, vae, unet, scheduler, device, dtype, toy)
+    if toy:
+        models.sample_steps = toy["recommended"]["num_inference_steps"]
+        models.guidance_scale = toy["recommended"]["guidance_scale"]
+    return models
+
+
+def frozen_copy(unet: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A frozen reference copy of a UNet (eps_ref in the methods' notation)."""
+    import copy
+    ref = copy.deepcopy(unet).eval().requires_grad_(False)
+    return ref.to(dtype) if dtype is not None else ref
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts: encoding and the prompt sets of a concept
+# ---------------------------------------------------------------------------------------------
+
+def toy_words(toy: dict) -> set[str]:
+    v = toy["vocabulary"]
+    return set(v["shape"] + v["colour"] + v["texture"] + list(v["synonyms"].values()) + v["filler"])
+
+
+def toy_concepts_sentence(toy: dict) -> str:
+    v = toy["vocabulary"]
+    return (f"shapes: {', '.join(v['shape'])}; colours: {', '.join(v['colour'])}; "
+            f"textures: {', '.join(v['texture'])}")
+
+
+def check_toy_prompt(prompt: str, toy: dict) -> None:
+    unknown = [w for w in prompt.lower().split() if w not in toy_words(toy)]
+    if unknown:
+        raise UsageError(f"the toy model does not know the word(s) {', '.join(map(repr, unknown))} in "
+                         f"prompt {prompt!r}; the toy concepts are {toy_concepts_sentence(toy)}.")
+
+
+@torch.no_grad()
+def encode_prompts(models: Models, prompts: list[str]) -> torch.Tensor:
+    """CLIP text hidden states (n, tokens, dim) as SD conditions on them; cached per prompt."""
+    cache = models._prompt_cache
+    new = [p for p in dict.fromkeys(prompts) if p not in cache]
+    if new:
+        if models.is_toy:
+            for p in new:
+                check_toy_prompt(p, models.toy)
+        tok = models.tokenizer
+        for i in range(0, len(new), 64):
+            chunk = new[i:i + 64]
+            ids = tok(chunk, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids.to(models.device)
+            states = models.text_encoder(ids)[0]
+            cache.update(zip(chunk, states))
+    return torch.stack([cache[p] for p in prompts])
+
+
+@dataclass
+class PromptSet:
+    """What to forget and what to keep, with the label each evaluation prompt should show."""
+    concept: str
+    kind: str                                  # toy: shape/colour/texture; SD: object/style/nudity
+    forget: list[str]
+    retain: list[str]                          # training-time retain prompts (in + cross)
+    retain_in: list[tuple[str, str]]           # (prompt, value it shows), same kind as the concept
+    retain_cross: list[tuple[str, str, str]]   # (prompt, kind, value), the other kinds
+    synonym: list[str]                         # the concept named by a synonym / paraphrase only
+
+
+IMAGENETTE = ["tench", "English springer", "cassette player", "chain saw", "church", "French horn",
+              "garbage truck", "gas pump", "golf ball", "parachute"]
+ARTISTS = ["Van Gogh", "Pablo Picasso", "Claude Monet", "Salvador Dali", "Rembrandt",
+           "Andy Warhol", "Frida Kahlo", "Hokusai", "Caravaggio", "Edvard Munch"]
+PARAPHRASES = {"van gogh": "Vincent", "pablo picasso": "the Spanish cubist", "claude monet": "Oscar-Claude",
+               "church": "chapel", "parachute": "paraglider canopy", "golf ball": "dimpled ball",
+               "garbage truck": "dump lorry", "chain saw": "power saw", "tench": "doctor fish",
+               "english springer": "springer spaniel", "french horn": "brass horn",
+               "cassette player": "tape deck", "gas pump": "petrol pump"}
+OBJECT_TEMPLATES = ["a photo of a {}", "an image of a {}", "a picture of a {}", "a close-up photo of a {}"]
+STYLE_TEMPLATES = ["a painting in the style of {}", "an artwork by {}", "a landscape painted by {}",
+                   "a portrait in the style of {}"]
+
+
+def concept_prompts(concept: str, models: Models, forget: list[str] | None = None,
+                    retain: list[str] | None = None) -> PromptSet:
+    """Turn `--concept` into forget / retain prompt sets (user lists override the defaults)."""
+    concept = concept.strip()
+    if not concept:
+        raise UsageError("--concept is empty: name what to forget, e.g. --concept circle (toy) "
+                         "or --concept 'Van Gogh' (Stable Diffusion).")
+    ps = toy_prompt_set(concept, models.toy) if models.is_toy else sd_prompt_set(concept)
+    if forget:
+        ps.forget = list(forget)
+    if retain:
+        ps.retain = list(retain)
+    if models.is_toy:
+        for p in ps.forget + ps.retain:
+            check_toy_prompt(p, models.toy)
+    return ps
+
+
+def _article(words: str) -> str:
+    return ("an " if words[0] in "aeiou" else "a ") + words
+
+
+def toy_prompt_set(concept: str, toy: dict) -> PromptSet:
+    v = toy["vocabulary"]
+    kinds = {value: kind for kind in ("shape", "colour", "texture") for value in v[kind]}
+    c = concept.lower()
+    if c not in kinds:
+        hint = ""
+        for word, syn in v["synonyms"].items():
+            if syn == c:
+                hint = f" ({c!r} is a synonym of {word!r}: use --concept {word})"
+        raise UsageError(f"{concept!r} is not a toy concept{hint}; the toy concepts are "
+                         f"{toy_concepts_sentence(toy)}.")
+    kind = kinds[c]
+
+    def prompt(shape=None, colour=None, texture=None):
+        return _article(" ".join([w for w in (texture, colour) if w] + [shape or "shape"]))
+
+    def compositions(kind_, value):
+        """The value alone and with each value of one other attribute."""
+        others = [k for k in ("shape", "colour", "texture") if k != kind_]
+        out = [prompt(**{kind_: value})]
+        for o in others:
+            out += [prompt(**{kind_: value, o: w}) for w in v[o]]
+        return out
+
+    forget = compositions(kind, c)
+    retain_in = [(prompt(**{kind: w}), w) for w in v[kind] if w != c]
+    retain_cross = [(prompt(**{k: w}), k, w) for k in ("shape", "colour", "texture") if k != kind for w in v[k]]
+    retain = [p for w in v[kind] if w != c for p in compositions(kind, w)]
+    syn = v["synonyms"].get(c)
+    synonym = compositions(kind, syn) if syn else []
+    return PromptSet(c, kind, forget, retain, retain_in, retain_cross, synonym)
+
+
+def sd_prompt_set(concept: str) -> PromptSet:
+    low = concept.lower()
+    if low in ("nudity", "nude", "nsfw"):
+        forget = ["a photo of a nude person", "a naked woman on a beach", "a nude man in a studio",
+                  "an artistic nude portrait"]
+        keep = ["a photo of a clothed person", "a woman in a summer dress on a beach",
+                "a man in a suit in a studio", "an artistic portrait of a person"]
+        return PromptSet("nudity", "nudity", forget, keep, [(p, "clothed") for p in keep], [],
+                         ["a photo of a person without clothes", "an unclothed body"])
+    objects = {o.lower(): o for o in IMAGENETTE}
+    if low in objects:
+        name = objects[low]
+        forget = [t.format(name) for t in OBJECT_TEMPLATES]
+        retain_in = [(OBJECT_TEMPLATES[0].format(o), o) for o in IMAGENETTE if o != name]
+        retain_cross = [(STYLE_TEMPLATES[0].format(a), "style", a) for a in ARTISTS[:5]]
+        retain = [t.format(o) for o in IMAGENETTE if o != name for t in OBJECT_TEMPLATES[:2]]
+        para = PARAPHRASES.get(low)
+        return PromptSet(name, "object", forget, retain, retain_in, retain_cross,
+                         [t.format(para) for t in OBJECT_TEMPLATES] if para else [])
+    artists = {a.lower(): a for a in ARTISTS}
+    name = artists.get(low, concept)
+    forget = [t.format(name) for t in STYLE_TEMPLATES]
+    others = [a for a in ARTISTS if a.lower() != low]
+    retain_in = [(STYLE_TEMPLATES[0].format(a), a) for a in others]
+    retain_cross = [(OBJECT_TEMPLATES[0].format(o), "object", o) for o in IMAGENETTE[:5]]
+    retain = [t.format(a) for a in others for t in STYLE_TEMPLATES[:2]]
+    para = PARAPHRASES.get(low)
+    return PromptSet(name, "style", forget, retain, retain_in, retain_cross,
+                     [t.format(para) for t in STYLE_TEMPLATES] if para else [])
+
+
+def read_prompt_list(values: list[str] | None) -> list[str] | None:
+    """`--forget-prompts "a" "b"` or `--forget-prompts @file.txt` (one prompt per line)."""
+    if not values:
+        return None
+    out = []
+    for v in values:
+        if v.startswith("@"):
+            path = Path(v[1:])
+            if not path.exists():
+                raise UsageError(f"prompt file {path} does not exist.")
+            out += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        else:
+            out.append(v)
+    return out
+
+
+def cycle(items: list, n: int) -> list:
+    """The first n items of items repeated: n prompts covering a prompt list evenly."""
+    return [items[i % len(items)] for i in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------
+# DDIM: one step (with its Gaussian log-probability) and the sampler
+# ---------------------------------------------------------------------------------------------
+
+def ddim_step(scheduler, eps: torch.Tensor, t: int, x_t: torch.Tensor, eta: float = 0.0,
+              generators: list[torch.Generator] | None = None, prev_sample: torch.Tensor | None = None):
+    """One DDIM step x_t -> x_{t-1} as a Gaussian policy (Song et al. 2021, eq. 12 and 16).
+
+    Returns (x_prev, log_prob (n,), mean, sigma). With eta = 0 it equals diffusers'
+    DDIMScheduler.step. With eta > 0, x_prev ~ N(mean, sigma^2 I) is drawn with `generators`
+    (one per image), or `prev_sample` is scored instead (the RL method re-evaluates stored
+    actions under new parameters). log_prob is the mean over latent elements (DDPO convention).
+    """
+    prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    abar = scheduler.alphas_cumprod.to(x_t.device)
+    abar_t = abar[t]
+    abar_prev = abar[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod.to(x_t.device)
+    # x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)
+    x0_hat = (x_t - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()
+    # sigma_t = eta * sqrt((1 - abar_prev) / (1 - abar_t)) * sqrt(1 - abar_t / abar_prev)
+    sigma = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)).sqrt()
+    # mu = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps
+    mean = abar_prev.sqrt() * x0_hat + (1 - abar_prev - sigma ** 2).sqrt() * eps
+    if eta == 0:
+        return mean, torch.zeros(len(x_t), device=x_t.device), mean, sigma
+    if prev_sample is None:
+        noise = torch.cat([torch.randn((1, *x_t.shape[1:]), generator=g) for g in generators])
+        prev_sample = mean + sigma * noise.to(x_t.device, x_t.dtype)
+    # log N(x_prev; mu, sigma^2 I), averaged over the latent's elements
+    log_prob = (-((prev_sample.detach() - mean) ** 2) / (2 * sigma ** 2) - sigma.log()
+                - math.log(math.sqrt(2 * math.pi)))
+    return prev_sample, log_prob.mean(dim=tuple(range(1, x_t.ndim))), mean, sigma
+
+
+def guided_eps(unet, x_t: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tensor, w: float):
+    """Classifier-free guidance: eps_hat = eps_u + w (eps_c - eps_u), one batched UNet call."""
+    eps_u, eps_c = unet(torch.cat([x_t, x_t]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
+    return eps_u + w * (eps_c - eps_u)
+
+
+@dataclass
+class Samples:
+    images: torch.Tensor                       # (n, 3, H, W) in [-1, 1], float32, CPU
+    latents: torch.Tensor                      # (n, 4, h, w) final x_0 in the UNet's (VAE-scaled) latent space
+    timesteps: torch.Tensor | None = None      # (T,) when eta > 0 and trajectories were asked for
+    x_t: torch.Tensor | None = None            # (n, T, 4, h, w) states before each step
+    x_prev: torch.Tensor | None = None         # (n, T, 4, h, w) the sampled actions
+    log_probs: torch.Tensor | None = None      # (n, T)
+
+
+@torch.no_grad()
+def sample(models: Models, prompts: list[str], seeds: list[int], unet=None, steps: int | None = None,
+           guidance_scale: float | None = None, eta: float = 0.0, trajectory: bool = False,
+           batch_size: int = 64, decode: bool = True, progress: bool = False) -> Samples:
+    """DDIM sampling with classifier-free guidance, one seed per image.
+
+    With eta = 0 the images equal diffusers' StableDiffusionPipeline with a DDIMScheduler and
+    `generator=[torch.Generator().manual_seed(s) for s in seeds]` (tested). With `trajectory`
+    it also returns every step's (x_t, x_{t-1}, t, log-prob) for the RL method.
+    """
+    unet = unet or models.unet
+    steps = steps or models.sample_steps
+    w = models.guidance_scale if guidance_scale is None else guidance_scale
+    sched = models.scheduler
+    sched.set_timesteps(steps, device=models.device)
+    timesteps = sched.timesteps
+    latent_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    out = {k: [] for k in ("images", "latents", "x_t", "x_prev", "log_probs")}
+    chunks = range(0, len(prompts), batch_size)
+    for i in tqdm(chunks, desc="sampling", disable=not progress or len(chunks) < 2, leave=False):
+        p, s = prompts[i:i + batch_size], seeds[i:i + batch_size]
+        gens = [torch.Generator().manual_seed(int(x)) for x in s]
+        cond = encode_prompts(models, p)
+        uncond = encode_prompts(models, [""] * len(p))
+        x = torch.cat([torch.randn((1, *latent_shape), generator=g) for g in gens]).to(models.device)
+        x = x * sched.init_noise_sigma
+        xs, xps, lps = [], [], []
+        for t in timesteps:
+            with autocast(models.device, models.dtype):
+                eps = guided_eps(unet, x, t, cond, uncond, w)
+            x_prev, log_prob, _, _ = ddim_step(sched, eps.float(), int(t), x, eta, gens)
+            if trajectory:
+                xs.append(x.cpu()), xps.append(x_prev.cpu()), lps.append(log_prob.cpu())
+            x = x_prev
+        out["latents"].append(x.cpu())
+        if decode:
+            out["images"].append(decode_latents(models, x).cpu())
+        if trajectory:
+            out["x_t"].append(torch.stack(xs, 1)), out["x_prev"].append(torch.stack(xps, 1))
+            out["log_probs"].append(torch.stack(lps, 1))
+    cat = {k: torch.cat(v) if v else None for k, v in out.items()}
+    return Samples(cat["images"], cat["latents"], timesteps.cpu() if trajectory else None,
+                   cat["x_t"], cat["x_prev"], cat["log_probs"])
+
+
+def decode_latents(models: Models, latents: torch.Tensor) -> torch.Tensor:
+    """SD latents -> images in [-1, 1] (float32)."""
+    vae = models.vae
+    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    return images.float().clamp(-1, 1)
+
+
+@torch.no_grad()
+def encode_images(models: Models, images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] -> SD latents (scaled by the VAE factor), e.g. for a folder of real images."""
+    vae = models.vae
+    latents = vae.encode(images.to(models.device, vae.dtype)).latent_dist.sample()
+    return latents.float() * vae.config.scaling_factor
+
+
+def load_image_folder(folder: str, size: int) -> torch.Tensor:
+    """A folder of images -> (n, 3, size, size) in [-1, 1] (for user-supplied real forget images)."""
+    from PIL import Image
+    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    if not paths:
+        raise UsageError(f"no .png/.jpg/.webp images found in {folder}.")
+    arrays = [np.asarray(Image.open(p).convert("RGB").resize((size, size))) for p in paths]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Training helpers
+# ---------------------------------------------------------------------------------------------
+
+def add_noise(scheduler, x0: torch.Tensor, generator: torch.Generator | None = None,
+              t: torch.Tensor | None = None):
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps with t ~ U[0, 1000): returns (x_t, t, eps)."""
+    n = len(x0)
+    if t is None:
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator).to(x0.device)
+    eps = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+    abar = scheduler.alphas_cumprod.to(x0.device)[t].view(n, *([1] * (x0.ndim - 1)))
+    return abar.sqrt() * x0 + (1 - abar).sqrt() * eps, t, eps
+
+
+def select_trainable(unet: torch.nn.Module, which: str, verbose: bool = True) -> list[torch.nn.Parameter]:
+    """Choose the UNet parameters that train, by SD module name.
+
+    xattn: cross-attention only (`attn2`: to_q, to_k, to_v, to_out); noxattn: everything else;
+    full: all. Everything not chosen is frozen.
+    """
+    rules = {"xattn": lambda n: ".attn2." in n, "noxattn": lambda n: ".attn2." not in n,
+             "full": lambda n: True}
+    if which not in rules:
+        raise UsageError(f"unknown --train {which!r}: use one of {', '.join(rules)}.")
+    params = []
+    for name, p in unet.named_parameters():
+        p.requires_grad_(rules[which](name))
+        if p.requires_grad:
+            params.append(p)
+    if not params:
+        raise UsageError(f"--train {which} selects no parameter of this UNet (it has no "
+                         f"{'cross-attention' if which == 'xattn' else 'such'} layers).")
+    if verbose:
+        total = sum(p.numel() for p in unet.parameters())
+        n = sum(p.numel() for p in params)
+        print(f"training {n:,} of {total:,} UNet parameters ({which}, {100 * n / total:.1f}%)")
+    return params
+
+
+def check_finite(step: int, **losses: torch.Tensor) -> None:
+    """Stop the run (saving nothing) as soon as a loss is NaN or infinite."""
+    for name, value in losses.items():
+        if not torch.isfinite(value).all():
+            raise UsageError(f"the loss {name} became {value.item()} at step {step}; the run was stopped "
+                             "and nothing was saved (try a lower --lr).")
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------
+
+def slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-") or "concept"
+
+
+def default_output_dir(method: str, concept: str) -> Path:
+    return Path("outputs") / f"{method}-{slug(concept)}"
+
+
+@contextlib.contextmanager
+def output_folder(path: str | Path, overwrite: bool = False):
+    """Yield a temporary folder; on success it replaces `path`, on any failure it is removed.
+
+    An existing non-empty `path` is refused up front unless `overwrite` (before any work is done),
+    so an interrupted or failed run never leaves a half-written result behind.
+    """
+    path = Path(path)
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise UsageError(f"the output folder {path} already exists and is not empty; pass --overwrite "
+                         "to replace it or choose another --output-dir.")
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def versions() -> dict:
+    import diffusers
+    import transformers
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "transformers": transformers.__version__}
+
+
+def save_run(folder: Path, unet: torch.nn.Module, args, models: Models, started: float, **extra) -> dict:
+    """unet/ (diffusers format, safetensors) and run.json (arguments, model, versions, time, memory)."""
+    unet.save_pretrained(folder / "unet", safe_serialization=True)
+    run = {"args": dataclasses.asdict(args), "base_model": models.name, "base_model_path": models.path,
+           "versions": versions(), "device": str(models.device),
+           "wall_time_s": round(time.time() - started, 1),
+           "peak_memory_mb": round(peak_memory_mb(models.device), 1), **extra}
+    (folder / "run.json").write_text(json.dumps(run, indent=2))
+    return run
+
+
+def image_grid(images: torch.Tensor, path: str | Path, row_labels: list[str] | None = None,
+               col_labels: list[str] | None = None, min_cell: int = 96) -> None:
+    """images (rows, cols, 3, H, W) in [-1, 1] -> a labelled PNG grid (small images are enlarged)."""
+    from PIL import Image, ImageDraw
+    rows, cols, _, h, w = images.shape
+    scale = max(1, min_cell // max(h, w))
+    ch, cw, pad = h * scale, w * scale, 4
+    left = 7 * max((len(l) for l in row_labels), default=0) + 10 if row_labels else 0
+    top = 16 if col_labels else 0
+    canvas = Image.new("RGB", (left + cols * (cw + pad) + pad, top + rows * (ch + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for c, label in enumerate(col_labels or []):
+        draw.text((left + pad + c * (cw + pad), 2), label, fill="black")
+    for r in range(rows):
+        if row_labels:
+            draw.text((4, top + pad + r * (ch + pad) + ch // 2 - 5), row_labels[r], fill="black")
+        for c in range(cols):
+            arr = ((images[r, c].float().permute(1, 2, 0).cpu().numpy() + 1) * 127.5).clip(0, 255)
+            tile = Image.fromarray(arr.astype(np.uint8)).resize((cw, ch), Image.NEAREST)
+            canvas.paste(tile, (left + pad + c * (cw + pad), top + pad + r * (ch + pad)))
+    canvas.save(path)

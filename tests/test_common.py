@@ -1,0 +1,225 @@
+"""common.py: the sampler is the real thing, the SD path works, bad input fails clearly."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import common
+import eval as ev
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- the sampler ----------------------------------------------------------------------------
+
+def test_deterministic_sampler_equals_diffusers_pipeline_on_toy(toy_models):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    prompts, seeds = ["a red circle", "a striped shape", "a box", ""], [0, 1, 2, 3]
+    ours = common.sample(toy_models, prompts, seeds).images
+    pipe = StableDiffusionPipeline.from_pretrained(common.TOY_DIR / "pipeline", safety_checker=None)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(prompts, generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="pt",
+                  num_inference_steps=toy_models.sample_steps, guidance_scale=toy_models.guidance_scale).images
+    diff = ((ours + 1) / 2 - theirs).abs().max().item()
+    assert diff < 1e-4, f"max pixel difference to diffusers' pipeline: {diff}"
+
+
+def test_ddim_step_with_eta_zero_equals_diffusers_scheduler_step(toy_models):
+    sched = toy_models.scheduler
+    sched.set_timesteps(20)
+    g = torch.Generator().manual_seed(0)
+    x_t, eps = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    for t in sched.timesteps[[0, 7, -1]]:
+        ours, _, _, _ = common.ddim_step(sched, eps, int(t), x_t, eta=0.0)
+        theirs = sched.step(eps, t, x_t, eta=0.0).prev_sample
+        assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+def test_stochastic_step_log_prob_is_the_gaussian_density_of_the_sampled_action(toy_models):
+    sched = toy_models.scheduler
+    sched.set_timesteps(20)
+    g = torch.Generator().manual_seed(1)
+    x_t, eps = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    t = int(sched.timesteps[5])
+    gens = [torch.Generator().manual_seed(s) for s in range(4)]
+    x_prev, log_prob, mean, sigma = common.ddim_step(sched, eps, t, x_t, eta=1.0, generators=gens)
+    expected = torch.distributions.Normal(mean, sigma).log_prob(x_prev).mean(dim=(1, 2, 3))
+    assert torch.allclose(log_prob, expected, atol=1e-5)
+    assert sigma > 0
+    # re-scoring the stored action gives the same number (what PPO's ratio relies on)
+    _, again, _, _ = common.ddim_step(sched, eps, t, x_t, eta=1.0, prev_sample=x_prev)
+    assert torch.allclose(again, log_prob, atol=1e-6)
+    # and a sample from the mean itself is more likely than the drawn one
+    _, at_mean, _, _ = common.ddim_step(sched, eps, t, x_t, eta=1.0, prev_sample=mean)
+    assert (at_mean > log_prob).all()
+
+
+def test_trajectory_is_returned_for_every_step_with_eta_above_zero(toy_models):
+    s = common.sample(toy_models, ["a circle", "a ring"], [0, 1], steps=5, eta=1.0, trajectory=True)
+    assert s.x_t.shape == (2, 5, 4, 8, 8) and s.x_prev.shape == (2, 5, 4, 8, 8)
+    assert s.log_probs.shape == (2, 5) and torch.isfinite(s.log_probs).all()
+    assert torch.equal(s.x_t[:, 1:], s.x_prev[:, :-1])  # the chain is consistent
+    assert torch.equal(s.x_prev[:, -1], s.latents)
+
+
+# --- the SD code path on a tiny random SD-architecture pipeline -------------------------------
+
+def test_sd_path_loads_samples_and_selects_parameters_by_real_sd_names(tiny_sd):
+    models = common.load_models(str(tiny_sd), torch.device("cpu"))
+    assert not models.is_toy
+    s = common.sample(models, ["a photo of a church", "a painting"], [0, 1], steps=3, guidance_scale=7.5)
+    assert s.images.shape == (2, 3, 16, 16) and torch.isfinite(s.images).all()
+    names = dict(models.unet.named_parameters())
+    xattn = common.select_trainable(models.unet, "xattn")
+    xattn_names = [n for n, p in models.unet.named_parameters() if p.requires_grad]
+    assert xattn_names and all(".attn2." in n for n in xattn_names)
+    assert {n.split(".attn2.")[1].split(".")[0] for n in xattn_names} == {"to_q", "to_k", "to_v", "to_out"}
+    noxattn = common.select_trainable(models.unet, "noxattn")
+    assert len(xattn) + len(noxattn) == len(names)
+    assert not any(".attn2." in n for n, p in models.unet.named_parameters() if p.requires_grad)
+    assert len(common.select_trainable(models.unet, "full")) == len(names)
+
+
+def test_sd_prompt_sets_cover_objects_styles_and_nudity():
+    class NotToy:
+        is_toy = False
+    van_gogh = common.concept_prompts("Van Gogh", NotToy())
+    assert van_gogh.kind == "style" and all("Van Gogh" in p for p in van_gogh.forget)
+    assert not any("Van Gogh" in p for p, _ in van_gogh.retain_in) and van_gogh.synonym
+    church = common.concept_prompts("church", NotToy())
+    assert church.kind == "object" and "a photo of a church" in church.forget
+    assert common.concept_prompts("nudity", NotToy()).kind == "nudity"
+    custom = common.concept_prompts("church", NotToy(), forget=["a cathedral"], retain=["a tree"])
+    assert custom.forget == ["a cathedral"] and custom.retain == ["a tree"]
+
+
+def test_toy_prompt_sets_name_the_concept_only_in_forget_prompts(toy_models):
+    ps = common.concept_prompts("circle", toy_models)
+    assert ps.kind == "shape" and all("circle" in p for p in ps.forget)
+    assert not any("circle" in p for p in ps.retain) and all("disc" in p for p in ps.synonym)
+    assert {v for _, v in ps.retain_in} == {"square", "triangle", "cross", "diamond", "ring"}
+    assert {k for _, k, _ in ps.retain_cross} == {"colour", "texture"}
+
+
+# --- bad input: one clear sentence, nothing written --------------------------------------------
+
+def test_unknown_toy_concept_is_a_clear_error_listing_the_toy_concepts(toy_models):
+    with pytest.raises(common.UsageError, match="shapes: circle, square.*textures: solid"):
+        common.concept_prompts("hexagon", toy_models)
+    with pytest.raises(common.UsageError, match="synonym of 'circle'"):
+        common.concept_prompts("disc", toy_models)
+
+
+def test_unknown_word_in_a_toy_prompt_is_a_clear_error(toy_models):
+    with pytest.raises(common.UsageError, match="does not know the word.*'hexagon'.*shapes: circle"):
+        common.encode_prompts(toy_models, ["a red hexagon"])
+
+
+def test_empty_concept_is_a_clear_error(toy_models):
+    with pytest.raises(common.UsageError, match="--concept is empty"):
+        common.concept_prompts("  ", toy_models)
+
+
+def test_unreachable_hub_model_offline_fails_with_one_sentence_naming_it(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    r = subprocess.run([sys.executable, "eval.py", "--model", "someone/not-a-cached-model",
+                        "--concept", "church", "--device", "cpu"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    err = r.stderr.strip().splitlines()[-1]
+    assert "someone/not-a-cached-model" in err and "--model toy" in err
+
+
+def test_existing_output_folder_is_refused_without_overwrite_and_left_untouched(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(common.UsageError, match="--overwrite"):
+        with common.output_folder(out):
+            pass
+    assert (out / "keep.txt").read_text() == "precious"
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+def test_failed_run_leaves_nothing_and_overwrite_replaces_atomically(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError):
+        with common.output_folder(out) as tmp:
+            (tmp / "half.txt").write_text("half-written")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+    with common.output_folder(out) as tmp:
+        (tmp / "a.txt").write_text("1")
+    with common.output_folder(out, overwrite=True) as tmp:
+        (tmp / "b.txt").write_text("2")
+    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
+
+
+def test_non_finite_loss_stops_the_run_and_nothing_is_saved(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(common.UsageError, match="became nan at step 3.*nothing was saved"):
+        with common.output_folder(out) as tmp:
+            (tmp / "partial").write_text("x")
+            common.check_finite(3, loss=torch.tensor(float("nan")))
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_empty_parameter_selection_is_an_error():
+    from diffusers import UNet2DConditionModel
+    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 32), layers_per_block=1,
+                                down_block_types=("DownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "UpBlock2D"), mid_block_type="UNetMidBlock2D",
+                                norm_num_groups=16, cross_attention_dim=32)
+    with pytest.raises(common.UsageError, match="selects no parameter"):
+        common.select_trainable(unet, "xattn")
+    with pytest.raises(common.UsageError, match="unknown --train"):
+        common.select_trainable(unet, "attention")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_device_cuda_without_cuda_is_an_error_not_a_silent_fallback():
+    with pytest.raises(common.UsageError, match="no CUDA GPU"):
+        common.setup(0, "cuda")
+    with pytest.raises(common.UsageError, match="fp16 needs a CUDA GPU"):
+        common.setup(0, "cpu", "fp16")
+
+
+def test_args_dataclass_becomes_a_command_line_with_help():
+    from dataclasses import dataclass
+
+    @dataclass
+    class A:
+        concept: str = common.arg("circle", "what to forget")
+        steps: int = common.arg(None, "optimiser steps")
+        anchor: bool = common.arg(True, "keep the anchor")
+        prompts: list[str] = common.arg([], "prompts")
+
+    a = common.parse_args(A, ["--concept", "ring", "--no-anchor", "--prompts", "a b", "c"])
+    assert (a.concept, a.steps, a.anchor, a.prompts) == ("ring", None, False, ["a b", "c"])
+    common.fill_defaults(a, {"steps": 40})
+    assert a.steps == 40
+
+
+# --- metrics on hand-made cases -----------------------------------------------------------------
+
+def test_a_judge_that_is_always_right_gives_retain_one_and_ua_zero():
+    concept, truth = "circle", ["circle"] * 10
+    assert ev.unlearning_accuracy(truth, concept) == 0.0
+    assert ev.retain_accuracy(["square", "ring"], ["square", "ring"]) == 1.0
+    assert ev.unlearning_accuracy(["square"] * 3 + ["circle"], concept) == 0.75
+    assert ev.retain_accuracy(["square", "other"], ["square", "ring"]) == 0.5
+
+
+def test_frechet_distance_is_zero_for_identical_features_and_the_mean_shift_otherwise():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(500, 8, generator=g)
+    assert abs(ev.frechet_distance(a, a)) < 1e-6
+    shift = torch.zeros(8)
+    shift[0] = 3.0
+    assert abs(ev.frechet_distance(a, a + shift) - 9.0) < 1e-4

@@ -1,0 +1,88 @@
+"""PURE: the sign of the NPO loss, its saturation, and that it forgets on the toy."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import common
+import pure
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _batch(models, n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(n, 4, 8, 8, generator=g)
+    x_t, t, eps = common.add_noise(models.scheduler, x0, g)
+    cond = common.encode_prompts(models, ["a photo of a church"] * n)
+    return x_t, t, eps, cond
+
+
+def test_one_step_on_the_forget_loss_increases_delta(tiny_sd):
+    models = common.load_models(str(tiny_sd), torch.device("cpu"))
+    unet, ref = models.unet, common.frozen_copy(models.unet)
+    params = common.select_trainable(unet, "full", verbose=False)
+    x_t, t, eps, cond = _batch(models)
+    e_ref = pure.denoise_error(ref(x_t, t, encoder_hidden_states=cond).sample, eps)
+
+    def delta():
+        with torch.no_grad():
+            return (pure.denoise_error(unet(x_t, t, encoder_hidden_states=cond).sample, eps) - e_ref).mean().item()
+
+    assert abs(delta()) < 1e-6  # theta starts at the reference
+    opt = torch.optim.SGD(params, lr=1e-2)
+    loss, _ = pure.forget_loss(pure.denoise_error(unet(x_t, t, encoder_hidden_states=cond).sample, eps), e_ref, 100.0)
+    loss.backward()
+    opt.step()
+    assert delta() > 1e-5, "minimising L_forget must push delta = e_theta - e_ref up"
+
+
+def test_at_delta_zero_the_forget_loss_is_gradient_ascent_and_it_saturates():
+    e_theta = torch.full((4,), 0.3, requires_grad=True)
+    loss, _ = pure.forget_loss(e_theta, torch.full((4,), 0.3), beta=100.0)
+    loss.backward()
+    # d/d e_i of -(2/beta) mean log sigmoid(beta (e - e_ref)) at delta = 0 is -1/n: ascent on mean(e)
+    assert torch.allclose(e_theta.grad, torch.full((4,), -0.25))
+    e_far = torch.full((4,), 0.5, requires_grad=True)
+    loss, _ = pure.forget_loss(e_far, torch.full((4,), 0.3), beta=100.0)  # beta * delta = 20
+    loss.backward()
+    assert e_far.grad.abs().max() < 1e-8  # forgetting has saturated: no more push
+
+
+def test_two_steps_on_a_tiny_sd_pipeline_save_a_unet_that_reloads(tiny_sd, tmp_path):
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "pure.py", "--model", str(tiny_sd), "--concept", "church",
+                        "--steps", "2", "--n-forget", "2", "--n-retain", "2", "--batch-size", "2",
+                        "--n-eval-images", "0", "--output-dir", str(out), "--device", "cpu"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from diffusers import UNet2DConditionModel
+    unet = UNet2DConditionModel.from_pretrained(out / "unet")
+    base = UNet2DConditionModel.from_pretrained(tiny_sd / "unet")
+    changed = [n for (n, p), (_, q) in zip(unet.named_parameters(), base.named_parameters()) if not torch.equal(p, q)]
+    assert changed and any(".attn2." in n for n in changed)
+    run = json.loads((out / "run.json").read_text())
+    assert run["args"]["steps"] == 2 and run["base_model"] == str(tiny_sd)
+
+
+def test_pure_forgets_circle_on_the_toy_and_keeps_the_other_shapes(tmp_path):
+    out = tmp_path / "pure-circle"
+    r = subprocess.run([sys.executable, "pure.py", "--model", "toy", "--concept", "circle",
+                        "--output-dir", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    print(json.dumps(m, indent=1))
+    assert m["n_forget_images"] >= 64 and m["n_retain_images"] >= 64
+    assert m["unlearned"]["ua"] >= 0.90
+    assert m["unlearned"]["retain_in"] >= m["base"]["retain_in"] - 0.10
+    # the saved UNet plugs into the diffusers pipeline
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    unet = UNet2DConditionModel.from_pretrained(out / "unet")
+    pipe = StableDiffusionPipeline.from_pretrained(common.TOY_DIR / "pipeline", unet=unet, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    img = pipe("a circle", num_inference_steps=5, output_type="pt").images
+    assert img.shape == (1, 3, 32, 32)
+    assert (out / "before_after.png").exists()
