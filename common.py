@@ -404,7 +404,18 @@ def cycle(items: list, n: int) -> list:
 # DDIM: one step (with its Gaussian log-probability) and the sampler
 # ---------------------------------------------------------------------------------------------
 
-def ddim_step(scheduler, eps: torch.Tensor, t: int, x_t: torch.Tensor, eta: float = 0.0,
+def predicted_x0(scheduler, eps: torch.Tensor, t, x_t: torch.Tensor) -> torch.Tensor:
+    """x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t); t an int or one per sample."""
+    abar_t = _per_sample(scheduler.alphas_cumprod.to(x_t.device)[torch.as_tensor(t, device=x_t.device)], x_t)
+    return (x_t - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()
+
+
+def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A scalar stays a scalar; one value per sample becomes (n, 1, 1, 1) to broadcast."""
+    return v.view(-1, *([1] * (like.ndim - 1))) if v.ndim == 1 else v
+
+
+def ddim_step(scheduler, eps: torch.Tensor, t, x_t: torch.Tensor, eta: float = 0.0,
               generators: list[torch.Generator] | None = None, prev_sample: torch.Tensor | None = None):
     """One DDIM step x_t -> x_{t-1} as a Gaussian policy (Song et al. 2021, eq. 12 and 16).
 
@@ -412,13 +423,15 @@ def ddim_step(scheduler, eps: torch.Tensor, t: int, x_t: torch.Tensor, eta: floa
     DDIMScheduler.step. With eta > 0, x_prev ~ N(mean, sigma^2 I) is drawn with `generators`
     (one per image), or `prev_sample` is scored instead (the RL method re-evaluates stored
     actions under new parameters). log_prob is the mean over latent elements (DDPO convention).
+    `t` is an int, or a tensor with one timestep per sample.
     """
+    t = torch.as_tensor(t, device=x_t.device)
     prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     abar = scheduler.alphas_cumprod.to(x_t.device)
-    abar_t = abar[t]
-    abar_prev = abar[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod.to(x_t.device)
-    # x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)
-    x0_hat = (x_t - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()
+    final = scheduler.final_alpha_cumprod.to(x_t.device)
+    abar_t = _per_sample(abar[t], x_t)
+    abar_prev = _per_sample(torch.where(prev_t >= 0, abar[prev_t.clamp(min=0)], final), x_t)
+    x0_hat = predicted_x0(scheduler, eps, t, x_t)
     # sigma_t = eta * sqrt((1 - abar_prev) / (1 - abar_t)) * sqrt(1 - abar_t / abar_prev)
     sigma = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)).sqrt()
     # mu = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps
@@ -447,6 +460,7 @@ class Samples:
     timesteps: torch.Tensor | None = None      # (T,) when eta > 0 and trajectories were asked for
     x_t: torch.Tensor | None = None            # (n, T, 4, h, w) states before each step
     x_prev: torch.Tensor | None = None         # (n, T, 4, h, w) the sampled actions
+    x0_hat: torch.Tensor | None = None         # (n, T, 4, h, w) the predicted clean latent at each state
     log_probs: torch.Tensor | None = None      # (n, T)
 
 
@@ -467,7 +481,7 @@ def sample(models: Models, prompts: list[str], seeds: list[int], unet=None, step
     sched.set_timesteps(steps, device=models.device)
     timesteps = sched.timesteps
     latent_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    out = {k: [] for k in ("images", "latents", "x_t", "x_prev", "log_probs")}
+    out = {k: [] for k in ("images", "latents", "x_t", "x_prev", "log_probs", "x0_hat")}
     chunks = range(0, len(prompts), batch_size)
     for i in tqdm(chunks, desc="sampling", disable=not progress or len(chunks) < 2, leave=False):
         p, s = prompts[i:i + batch_size], seeds[i:i + batch_size]
@@ -476,23 +490,24 @@ def sample(models: Models, prompts: list[str], seeds: list[int], unet=None, step
         uncond = encode_prompts(models, [""] * len(p))
         x = torch.cat([torch.randn((1, *latent_shape), generator=g) for g in gens]).to(models.device)
         x = x * sched.init_noise_sigma
-        xs, xps, lps = [], [], []
+        xs, xps, lps, x0s = [], [], [], []
         for t in timesteps:
             with autocast(models.device, models.dtype):
-                eps = guided_eps(unet, x, t, cond, uncond, w)
-            x_prev, log_prob, _, _ = ddim_step(sched, eps.float(), int(t), x, eta, gens)
+                eps = guided_eps(unet, x, t, cond, uncond, w).float()
+            x_prev, log_prob, _, _ = ddim_step(sched, eps, int(t), x, eta, gens)
             if trajectory:
                 xs.append(x.cpu()), xps.append(x_prev.cpu()), lps.append(log_prob.cpu())
+                x0s.append(predicted_x0(sched, eps, int(t), x).cpu())
             x = x_prev
         out["latents"].append(x.cpu())
         if decode:
             out["images"].append(decode_latents(models, x).cpu())
         if trajectory:
             out["x_t"].append(torch.stack(xs, 1)), out["x_prev"].append(torch.stack(xps, 1))
-            out["log_probs"].append(torch.stack(lps, 1))
+            out["log_probs"].append(torch.stack(lps, 1)), out["x0_hat"].append(torch.stack(x0s, 1))
     cat = {k: torch.cat(v) if v else None for k, v in out.items()}
     return Samples(cat["images"], cat["latents"], timesteps.cpu() if trajectory else None,
-                   cat["x_t"], cat["x_prev"], cat["log_probs"])
+                   cat["x_t"], cat["x_prev"], cat["x0_hat"], cat["log_probs"])
 
 
 def decode_latents(models: Models, latents: torch.Tensor) -> torch.Tensor:

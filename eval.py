@@ -81,10 +81,10 @@ class Clip:
         return getattr(f, "pooler_output", f).float().cpu()
 
 
-def load_clip(models: common.Models) -> Clip:
-    """The toy CLIP on the toy; openai/clip-vit-large-patch14 on Stable Diffusion."""
+def load_clip(models: common.Models, name: str | None = None) -> Clip:
+    """`name`, or by default the toy CLIP on the toy and openai/clip-vit-large-patch14 on SD."""
     from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
-    name = str(common.TOY_DIR / "clip") if models.is_toy else SD_CLIP
+    name = name or (str(common.TOY_DIR / "clip") if models.is_toy else SD_CLIP)
     try:
         model = CLIPModel.from_pretrained(name, dtype=torch.float32, use_safetensors=True)
         tok = CLIPTokenizer.from_pretrained(name)
@@ -94,7 +94,7 @@ def load_clip(models: common.Models) -> Clip:
                                 "cached); evaluate offline with --model toy.") from None
     size = model.config.vision_config.image_size
     return Clip(model.to(models.device).eval(), tok, size, proc.image_mean, proc.image_std,
-                "toy CLIP" if models.is_toy else SD_CLIP)
+                "toy CLIP" if name == str(common.TOY_DIR / "clip") else name)
 
 
 class Judge:
@@ -104,12 +104,15 @@ class Judge:
         self.models, self.clip = models, clip
         self._toy = self._resnet = None
 
+    def _toy_judge(self):
+        if self._toy is None:
+            from toy.judge import load_judge
+            self._toy = load_judge(common.TOY_DIR / "judge", self.models.device)
+        return self._toy
+
     def __call__(self, images: torch.Tensor, kind: str, candidates: list[str] | None = None) -> list[str]:
         if self.models.is_toy:
-            if self._toy is None:
-                from toy.judge import load_judge
-                self._toy = load_judge(common.TOY_DIR / "judge", self.models.device)
-            pred = self._toy.predict(images)[kind]
+            pred = self._toy_judge().predict(images)[kind]
             return [self._toy.classes[kind][i] for i in pred.tolist()]
         if kind == "object":
             return self._imagenette(images)
@@ -118,6 +121,16 @@ class Judge:
         if kind == "nudity":
             return self._nudenet(images)
         raise common.UsageError(f"no judge for the kind {kind!r}.")
+
+    @torch.no_grad()
+    def probability(self, images: torch.Tensor, kind: str, values: list[str]) -> torch.Tensor:
+        """p(value_i | image_i) from the toy judge's softmax (for rewards that optimise the judge)."""
+        if not self.models.is_toy:
+            raise common.UsageError("a classifier reward is available on the toy only; use the CLIP reward.")
+        judge = self._toy_judge()
+        logits = judge(images.to(self.models.device, torch.float32))[kind].softmax(-1).cpu()
+        idx = torch.tensor([judge.classes[kind].index(v) for v in values])
+        return logits[torch.arange(len(values)), idx]
 
     @torch.no_grad()
     def _imagenette(self, images):

@@ -56,7 +56,11 @@ def tiny_sd(tmp_path_factory) -> Path:
     return make_tiny_sd(tmp_path_factory.mktemp("sd"))
 
 
+# UNLEARN_TEST_DEVICE=cuda runs the toy-model tests on a GPU (the GPU path); CI uses the CPU.
+DEVICE = torch.device(os.environ.get("UNLEARN_TEST_DEVICE", "cpu"))
+
+
 @pytest.fixture(scope="session")
 def toy_models():
     import common
-    return common.load_models("toy", torch.device("cpu"))
+    return common.load_models("toy", DEVICE)

@@ -21,11 +21,12 @@ def test_deterministic_sampler_equals_diffusers_pipeline_on_toy(toy_models):
     prompts, seeds = ["a red circle", "a striped shape", "a box", ""], [0, 1, 2, 3]
     ours = common.sample(toy_models, prompts, seeds).images
     pipe = StableDiffusionPipeline.from_pretrained(common.TOY_DIR / "pipeline", safety_checker=None)
+    pipe = pipe.to(toy_models.device)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     theirs = pipe(prompts, generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="pt",
                   num_inference_steps=toy_models.sample_steps, guidance_scale=toy_models.guidance_scale).images
-    diff = ((ours + 1) / 2 - theirs).abs().max().item()
+    diff = ((ours + 1) / 2 - theirs.cpu()).abs().max().item()
     assert diff < 1e-4, f"max pixel difference to diffusers' pipeline: {diff}"
 
 

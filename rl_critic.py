@@ -1,0 +1,334 @@
+"""CGRU: critic-guided reinforcement unlearning for text-to-image diffusion.
+
+Source: Vysotskyi, Kohut, Shpir, Rumezhak, Karpiv, "Critic-Guided Reinforcement Unlearning in
+Text-to-Image Diffusion", arXiv 2601.03213 (ICML 2026). Public here: abstracts, summaries and
+reviews. Stated: denoising is a sequential decision process; a timestep-aware critic built on
+CLIP and trained on noisy intermediate states predicts the expected terminal reward; its
+per-step values give advantages for PPO-style updates of the reverse diffusion kernel; old
+trajectories are reused off-policy. Everything more specific is reconstructed from DDPO
+(Black et al. 2023) conventions:
+
+  MDP      state s_t = (c, t, x_t), action a_t = x_{t-1}, reward only at the end r(x_0, c);
+           policy = the stochastic DDIM step (eta > 0) with classifier-free guidance,
+           pi(x_{t-1} | s_t) = N(mu_theta, sigma_t^2 I)   (common.ddim_step gives its log-prob)
+  reward   forget prompts: -CLIP similarity to the concept; retain prompts: +CLIP similarity to
+           their own prompt (about half of each batch, protecting retain accuracy); standardised.
+           The judge classifier is kept for evaluation, so UA is not what was optimised.
+  critic   V_phi(x_t, t, c): decode x_t with the frozen VAE -> CLIP image tower -> FiLM on t
+           (h' = (1 + g(t)) h + b(t)) -> concat with the prompt's CLIP text embedding -> MLP.
+           Monte-Carlo regression on terminal rewards, warm-up on base rollouts, then refit
+           each iteration from a replay buffer of recent trajectories.
+  update   GAE with gamma = 1 on the critic's per-step values, PPO clipped objective, optional
+           per-step KL to the frozen reference.
+
+    python rl_critic.py --model toy --concept circle      # CPU, offline, a few minutes
+    python rl_critic.py --concept church                   # Stable Diffusion v1.4, GPU
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+import common
+import eval as evaluation
+
+# --- Arguments ---
+
+
+@dataclass
+class Args:
+    concept: str = common.arg("", "what to forget: a toy concept (circle, striped, ...) or an SD "
+                                  "concept ('Van Gogh', 'church', 'nudity')")
+    model: str = common.arg(common.DEFAULT_MODEL, "'toy', a hub id or a local diffusers folder")
+    train: str = common.arg("xattn", "policy parameters (LoRA is not used: peft is not a dependency)",
+                            choices=["xattn", "noxattn", "full"])
+    iterations: int = common.arg(None, "policy iterations (sample -> fit critic -> PPO)")
+    samples_per_iteration: int = common.arg(None, "trajectories per iteration (half forget, half retain)")
+    sample_steps: int = common.arg(None, "DDIM steps of a trajectory (the MDP's horizon)")
+    eta: float = common.arg(1.0, "DDIM stochasticity: the policy's noise scale (> 0)")
+    guidance_scale: float = common.arg(None, "classifier-free guidance of the policy")
+    lr: float = common.arg(None, "policy Adam learning rate")
+    ppo_epochs: int = common.arg(1, "passes over each iteration's (state, action) pairs")
+    minibatch: int = common.arg(None, "(state, action) pairs per policy gradient step")
+    clip_range: float = common.arg(None, "PPO ratio clip epsilon")
+    gae_lambda: float = common.arg(0.95, "GAE lambda: 0 = per-step critic differences, 1 = r - V(s_t)")
+    kl_weight: float = common.arg(0.0, "beta_kl: per-step KL to the frozen reference policy")
+    timestep_fraction: float = common.arg(1.0, "share of each trajectory's steps trained on")
+    reward: str = common.arg("clip", "terminal reward: CLIP similarity, or the judge (then UA is optimised)",
+                             choices=["clip", "classifier"])
+    critic_input: str = common.arg("x_t", "what the critic sees: the noisy state, or the predicted x0_hat "
+                                          "(ablation)", choices=["x_t", "x0_hat"])
+    timestep: bool = common.arg(True, "FiLM timestep conditioning of the critic (--no-timestep: ablation)")
+    clip_model: str = common.arg(None, "CLIP for the reward and the critic (default: the toy CLIP on "
+                                       "the toy, openai/clip-vit-large-patch14 on SD)")
+    critic_lr: float = common.arg(1e-3, "critic Adam learning rate")
+    critic_epochs: int = common.arg(20, "critic passes over the replay buffer per iteration")
+    warmup_epochs: int = common.arg(100, "critic passes over the base-policy rollouts before any update")
+    buffer_iterations: int = common.arg(4, "replay buffer: keep the states of this many recent iterations")
+    forget_prompts: list[str] = common.arg([], "override the forget prompts (or @file.txt)")
+    retain_prompts: list[str] = common.arg([], "override the retain prompts (or @file.txt)")
+    gradient_checkpointing: bool = common.arg(False, "trade compute for memory in the UNet")
+    mixed_precision: str = common.arg("no", "autocast dtype", choices=["no", "fp16", "bf16"])
+    device: str = common.arg("auto", "auto, cpu or cuda", choices=["auto", "cpu", "cuda"])
+    seed: int = common.arg(0, "seed of sampling, training and evaluation")
+    n_eval_images: int = common.arg(64, "images per evaluation group in the final report (0: skip)")
+    output_dir: str = common.arg(None, "where to save (default outputs/rl_critic-<concept>)")
+    overwrite: bool = common.arg(False, "replace an existing output folder")
+
+
+# Where the toy and Stable Diffusion defaults differ (spec: shared/methods/rl_critic.md, "Defaults").
+SD_DEFAULTS = dict(iterations=100, samples_per_iteration=64, sample_steps=50, guidance_scale=5.0,
+                   lr=3e-4, minibatch=8, clip_range=1e-4)
+TOY_DEFAULTS = dict(iterations=30, samples_per_iteration=32, sample_steps=20, guidance_scale=None,
+                    lr=3e-4, minibatch=64, clip_range=1e-4)
+
+
+# --- Setup ---
+
+def setup(args: Args):
+    device, dtype = common.setup(args.seed, args.device, args.mixed_precision)
+    models = common.load_models(args.model, device, dtype)
+    if args.guidance_scale is None:
+        args.guidance_scale = models.guidance_scale
+    if args.eta <= 0:
+        raise common.UsageError("--eta must be > 0: with eta = 0 the DDIM step is deterministic and has no log-probability.")
+    ps = common.concept_prompts(args.concept, models, common.read_prompt_list(args.forget_prompts),
+                                common.read_prompt_list(args.retain_prompts))
+    unet_ref = common.frozen_copy(models.unet, None if dtype == torch.float32 else dtype)
+    params = common.select_trainable(models.unet, args.train)
+    if args.gradient_checkpointing:
+        models.unet.enable_gradient_checkpointing()
+    clip = evaluation.load_clip(models, args.clip_model)
+    feat_dim = clip.model.config.projection_dim
+    critic = Critic(feat_dim, feat_dim, film=args.timestep).to(device)
+    return models, ps, unet_ref, params, clip, critic
+
+
+# --- Data ---
+
+def rollouts(args: Args, models: common.Models, ps: common.PromptSet, seed: int):
+    """One iteration's trajectories under the current policy: half forget, half retain prompts."""
+    g = torch.Generator().manual_seed(seed)
+    n = args.samples_per_iteration
+    pick = lambda items, k: [items[i] for i in torch.randint(0, len(items), (k,), generator=g)]  # noqa: E731
+    prompts = pick(ps.forget, n // 2) + pick(ps.retain, n - n // 2)
+    is_forget = torch.tensor([True] * (n // 2) + [False] * (n - n // 2))
+    seeds = torch.randint(0, 2 ** 31 - 1, (n,), generator=g).tolist()
+    models.unet.eval()
+    s = common.sample(models, prompts, seeds, steps=args.sample_steps, guidance_scale=args.guidance_scale,
+                      eta=args.eta, trajectory=True)
+    return dict(prompts=prompts, is_forget=is_forget, images=s.images, x_t=s.x_t, x_prev=s.x_prev,
+                x0_hat=s.x0_hat, log_probs=s.log_probs, timesteps=s.timesteps)
+
+
+@torch.no_grad()
+def rewards(args: Args, roll: dict, ps: common.PromptSet, clip, judge) -> torch.Tensor:
+    """Raw terminal rewards r(x_0, c): forget -> away from the concept, retain -> toward own prompt."""
+    f, images = roll["is_forget"], roll["images"]
+    if args.reward == "classifier":
+        values = [ps.concept if fi else v for fi, v in zip(f.tolist(), _retain_values(roll["prompts"], ps))]
+        p = judge.probability(images, ps.kind, values)
+        # forget: r = 1 - p(concept | x_0); retain: r = p(own value | x_0)
+        return torch.where(f, 1 - p, p)
+    img = F.normalize(clip.image_features(images), dim=-1)
+    own = F.normalize(clip.text_features(roll["prompts"]), dim=-1)
+    concept = F.normalize(clip.text_features([ps.forget[0]]), dim=-1)
+    # forget: r = -cos(image, concept text); retain: r = cos(image, own prompt)
+    return torch.where(f, -(img @ concept.T).squeeze(-1), (img * own).sum(-1))
+
+
+def _retain_values(prompts, ps):
+    """The value a retain prompt names (toy): the in-domain word it contains."""
+    values = [v for _, v in ps.retain_in]
+    return [next((v for v in values if v in p.split()), ps.concept) for p in prompts]
+
+
+@torch.no_grad()
+def state_features(args: Args, models: common.Models, clip, roll: dict) -> torch.Tensor:
+    """CLIP image features of every state the critic judges: (n, T, feat)."""
+    states = roll["x_t"] if args.critic_input == "x_t" else roll["x0_hat"]
+    n, T = states.shape[:2]
+    flat = states.flatten(0, 1)
+    feats = []
+    for i in range(0, len(flat), 256):
+        images = common.decode_latents(models, flat[i:i + 256].to(models.device))
+        feats.append(clip.image_features(images))
+    return torch.cat(feats).view(n, T, -1)
+
+
+# --- Loss ---
+
+def timestep_embedding(t: torch.Tensor, dim: int = 64) -> torch.Tensor:
+    """Sinusoidal embedding of the diffusion timestep (as in the UNet)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10_000) * torch.arange(half, device=t.device) / half)
+    angles = t.float()[:, None] * freqs[None]
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+class Critic(nn.Module):
+    """V_phi(x_t, t, c) on frozen CLIP features: FiLM on t, then an MLP on [h', text]."""
+
+    def __init__(self, feat_dim: int, text_dim: int, hidden: int = 256, film: bool = True):
+        super().__init__()
+        self.film = film
+        self.t_mlp = nn.Sequential(nn.Linear(64, hidden), nn.SiLU(), nn.Linear(hidden, 2 * feat_dim))
+        nn.init.zeros_(self.t_mlp[-1].weight), nn.init.zeros_(self.t_mlp[-1].bias)  # start as identity
+        self.head = nn.Sequential(nn.Linear(feat_dim + text_dim, hidden), nn.SiLU(),
+                                  nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+
+    def forward(self, h: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        h = F.normalize(h, dim=-1)
+        if self.film:
+            g, b = self.t_mlp(timestep_embedding(t)).chunk(2, dim=-1)
+            # h' = (1 + g(t)) * h + b(t)
+            h = (1 + g) * h + b
+        return self.head(torch.cat([h, F.normalize(text, dim=-1)], dim=-1)).squeeze(-1)
+
+
+def gae(values: torch.Tensor, reward: torch.Tensor, lam: float) -> torch.Tensor:
+    """Advantages of every step; values (n, T) are V(s_t) in sampling order (noisiest first).
+
+    TD residual with gamma = 1: delta_t = V(s_{t-1}) - V(s_t), with V(s_0) := r(x_0, c);
+    GAE: A_t = delta_t + lambda * A_{t-1}, recursing from the last denoising step backwards.
+    lambda = 0 gives V(next) - V(s_t); lambda = 1 gives r - V(s_t).
+    """
+    next_values = torch.cat([values[:, 1:], reward[:, None]], dim=1)
+    deltas = next_values - values
+    adv = torch.zeros_like(values)
+    running = torch.zeros_like(reward)
+    for k in reversed(range(values.shape[1])):
+        running = deltas[:, k] + lam * running
+        adv[:, k] = running
+    return adv
+
+
+def ppo_loss(log_prob: torch.Tensor, log_prob_old: torch.Tensor, adv: torch.Tensor, clip_range: float):
+    # ratio = exp(logp_theta - logp_behaviour);  L = -mean(min(ratio A, clip(ratio, 1 - eps, 1 + eps) A))
+    ratio = torch.exp(log_prob - log_prob_old)
+    clipped = torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    return -torch.min(ratio * adv, clipped * adv).mean(), ratio
+
+
+# --- Training ---
+
+def fit_critic(critic, opt, buffer: list, epochs: int, generator: torch.Generator, device):
+    """Monte-Carlo regression of V_phi on the terminal rewards, over every stored state."""
+    h = torch.cat([b["h"] for b in buffer]).flatten(0, 1)
+    n, T = buffer[-1]["h"].shape[:2]
+    t = torch.cat([b["t"].expand(len(b["h"]), -1) for b in buffer]).flatten()
+    text = torch.cat([b["text"][:, None].expand(-1, b["h"].shape[1], -1) for b in buffer]).flatten(0, 1)
+    target = torch.cat([b["r"][:, None].expand(-1, b["h"].shape[1]) for b in buffer]).flatten()
+    h, t, text, target = h.to(device), t.to(device), text.to(device), target.to(device)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(h), generator=generator).split(256):
+            loss = F.mse_loss(critic(h[idx], t[idx], text[idx]), target[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        return F.mse_loss(critic(h, t, text), target).item(), target.var().item()
+
+
+def policy_update(args: Args, models: common.Models, unet_ref, params, opt, roll: dict, adv: torch.Tensor,
+                  generator: torch.Generator) -> dict:
+    """PPO on (state, action) pairs of this iteration, re-scoring stored actions under theta."""
+    unet = models.unet.train()
+    n, T = adv.shape
+    steps = torch.stack([torch.randperm(T, generator=generator)[:max(1, int(T * args.timestep_fraction))]
+                         for _ in range(n)])
+    pairs = torch.stack([torch.arange(n)[:, None].expand_as(steps), steps], -1).flatten(0, 1)
+    cond = common.encode_prompts(models, roll["prompts"])
+    uncond = common.encode_prompts(models, [""] * n)
+    stats = {}
+    for _ in range(args.ppo_epochs):
+        for mb in pairs[torch.randperm(len(pairs), generator=generator)].split(args.minibatch):
+            i, k = mb[:, 0], mb[:, 1]
+            x_t = roll["x_t"][i, k].to(models.device)
+            x_prev = roll["x_prev"][i, k].to(models.device)
+            t = roll["timesteps"][k].to(models.device)
+            with common.autocast(models.device, models.dtype):
+                eps = common.guided_eps(unet, x_t, t, cond[i], uncond[i], args.guidance_scale).float()
+            _, log_prob, mean, sigma = common.ddim_step(models.scheduler, eps, t, x_t, args.eta, prev_sample=x_prev)
+            loss, ratio = ppo_loss(log_prob, roll["log_probs"][i, k].to(models.device), adv[i, k].to(models.device),
+                                   args.clip_range)
+            if args.kl_weight > 0:
+                with torch.no_grad(), common.autocast(models.device, models.dtype):
+                    eps_ref = common.guided_eps(unet_ref, x_t, t, cond[i], uncond[i], args.guidance_scale).float()
+                _, _, mean_ref, _ = common.ddim_step(models.scheduler, eps_ref, t, x_t, args.eta, prev_sample=x_prev)
+                # KL(pi_theta || pi_ref) per step, equal variances: ||mu_theta - mu_ref||^2 / (2 sigma_t^2)
+                kl = ((mean - mean_ref) ** 2 / (2 * sigma ** 2)).mean()
+                loss = loss + args.kl_weight * kl
+                stats["kl"] = kl.item()
+            common.check_finite(len(stats), loss=loss)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            stats.update(ppo=loss.item(), clipped=((ratio - 1).abs() > args.clip_range).float().mean().item())
+    return stats
+
+
+def train(args: Args, models: common.Models, ps: common.PromptSet, unet_ref, params, clip, critic) -> dict:
+    opt = torch.optim.Adam(params, lr=args.lr)
+    critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)
+    judge = evaluation.Judge(models, clip) if args.reward == "classifier" else None
+    g = torch.Generator().manual_seed(args.seed)
+    buffer, scale, log = [], None, {}
+    bar = tqdm(range(args.iterations + 1), desc="CGRU")
+    for it in bar:
+        roll = rollouts(args, models, ps, seed=args.seed * 100_000 + it)
+        raw = rewards(args, roll, ps, clip, judge)
+        if scale is None:  # standardise each group with the base policy's statistics (a fixed scale)
+            scale = {k: (raw[m].mean(), raw[m].std() + 1e-6) for k, m in
+                     (("forget", roll["is_forget"]), ("retain", ~roll["is_forget"]))}
+        f = roll["is_forget"]
+        r = torch.where(f, (raw - scale["forget"][0]) / scale["forget"][1],
+                        (raw - scale["retain"][0]) / scale["retain"][1])
+        h = state_features(args, models, clip, roll)
+        buffer = (buffer + [dict(h=h, t=roll["timesteps"][None], text=clip.text_features(roll["prompts"]), r=r)])
+        buffer = buffer[-args.buffer_iterations:]
+        critic_mse, reward_var = fit_critic(critic, critic_opt, buffer, args.warmup_epochs if it == 0 else
+                                            args.critic_epochs, g, models.device)
+        if it == args.iterations:  # the last rollout only measures where the policy ended
+            break
+        with torch.no_grad():
+            n, T = h.shape[:2]
+            values = critic(h.flatten(0, 1).to(models.device), roll["timesteps"].repeat(n).to(models.device),
+                            clip.text_features(roll["prompts"]).repeat_interleave(T, 0).to(models.device)).view(n, T).cpu()
+        adv = gae(values, r, args.gae_lambda)
+        # normalise over the batch, clip to +-5
+        adv = ((adv - adv.mean()) / (adv.std() + 1e-8)).clamp(-5, 5)
+        stats = policy_update(args, models, unet_ref, params, opt, roll, adv, g)
+        log = {"r_forget": raw[f].mean().item(), "r_retain": raw[~f].mean().item(),
+               "critic_mse": critic_mse, "reward_var": reward_var, **stats}
+        bar.set_postfix({k: f"{v:.3g}" for k, v in log.items()}, refresh=False)
+    return {"critic_mse": critic_mse, "reward_var": reward_var,
+            "r_forget_start": scale["forget"][0].item(), "r_forget_end": raw[f].mean().item()}
+
+
+# --- Save and report ---
+
+def main():
+    args = common.parse_args(Args)
+    common.fill_defaults(args, TOY_DEFAULTS if args.model == "toy" else SD_DEFAULTS)
+    started = time.time()
+    models, ps, unet_ref, params, clip, critic = setup(args)
+    out = args.output_dir or common.default_output_dir("rl_critic", ps.concept)
+    with common.output_folder(out, args.overwrite) as folder:
+        log = train(args, models, ps, unet_ref, params, clip, critic)
+        metrics = evaluation.save_and_report(folder, models, ps, models.unet, unet_ref, args, started,
+                                             args.n_eval_images, method="CGRU", **log)
+    print(f"saved to {out}")
+    return metrics
+
+
+if __name__ == "__main__":
+    common.cli(main)

@@ -1,0 +1,54 @@
+"""VDU: the stability term is the stated quadratic, precision has no infinities, runs save."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import vdu
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_stability_is_zero_at_the_anchor_and_grows_quadratically():
+    anchor = [torch.randn(5, 3), torch.randn(7)]
+    precision = [torch.rand(5, 3) + 0.5, torch.rand(7) + 0.5]
+    params = [a.clone() for a in anchor]
+    assert vdu.stability(params, anchor, precision) == 0
+    d = [torch.randn_like(a) for a in anchor]
+    b1 = vdu.stability([a + 0.1 * x for a, x in zip(anchor, d)], anchor, precision)
+    b2 = vdu.stability([a + 0.2 * x for a, x in zip(anchor, d)], anchor, precision)
+    assert torch.allclose(b2, 4 * b1)
+    # B = sum_i (theta_i - mu_i)^2 precision_i / 2
+    expected = sum(((0.1 * x) ** 2 * w).sum() for x, w in zip(d, precision)) / 2
+    assert torch.allclose(b1, expected)
+
+
+def _run(tiny_sd, tmp_path, *extra):
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "vdu.py", "--model", str(tiny_sd), "--concept", "church",
+                        "--steps", "2", "--n-forget", "2", "--batch-size", "2", "--n-eval-images", "0",
+                        "--output-dir", str(out), "--device", "cpu", *extra],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return r, out
+
+
+def test_each_precision_source_runs_on_a_tiny_sd_pipeline_and_saves(tiny_sd, tmp_path):
+    for source in ("l2", "fisher", "checkpoints"):
+        extra = ["--checkpoints", str(tiny_sd), str(tiny_sd)] if source == "checkpoints" else []
+        r, out = _run(tiny_sd, tmp_path / source, "--precision-from", source, "--fisher-samples", "2", *extra)
+        assert r.returncode == 0, r.stderr[-3000:]
+        run = json.loads((out / "run.json").read_text())
+        assert run["args"]["precision_from"] == source
+
+
+def test_identical_checkpoints_give_a_finite_precision_thanks_to_the_floor(tiny_sd):
+    import common
+    models = common.load_models(str(tiny_sd), torch.device("cpu"))
+    params = common.select_trainable(models.unet, "full", verbose=False)
+    args = vdu.Args(concept="church", precision_from="checkpoints", checkpoints=[str(tiny_sd)] * 2)
+    anchor, precision = vdu.precision_and_anchor(args, models, params, {})
+    flat = torch.cat([p.flatten() for p in precision])
+    assert torch.isfinite(flat).all() and abs(flat.mean().item() - 1) < 1e-4
