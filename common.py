@@ -181,13 +181,11 @@ def resolve_model(model: str) -> tuple[str, dict | None]:
     return model, None
 
 
-def load_models(model: str, device: torch.device, dtype: torch.dtype = torch.float32,
-                unet_path: str | None = None) -> Models:
+def load_models(model: str, device: torch.device, dtype: torch.dtype = torch.float32) -> Models:
     """Tokenizer, CLIP text encoder, VAE, UNet and a DDIM scheduler, safetensors only.
 
     Frozen parts (text encoder, VAE) are in eval mode without gradients, in `dtype`; the UNet
-    stays float32 (it is what trains; autocast handles mixed precision). `unet_path` loads a
-    trained UNet folder instead of the model's own.
+    stays float32 (it is what trains; autocast handles mixed precision).
     """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -198,10 +196,7 @@ def load_models(model: str, device: torch.device, dtype: torch.dtype = torch.flo
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype, **kw)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, **kw)
-        if unet_path:
-            unet = UNet2DConditionModel.from_pretrained(unet_path, torch_dtype=torch.float32, **kw)
-        else:
-            unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=torch.float32, **kw)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=torch.float32, **kw)
         scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
     except (OSError, ValueError) as e:
         if Path(path).exists():
@@ -209,8 +204,13 @@ def load_models(model: str, device: torch.device, dtype: torch.dtype = torch.flo
         raise UsageError(f"could not load model {model!r}: it is not a local folder and the Hugging Face "
                          "hub could not provide it (offline or not in the cache); to run offline, use "
                          "--model toy.") from None
+    if scheduler.config.prediction_type != "epsilon":
+        raise UsageError(f"{model} predicts {scheduler.config.prediction_type!r}; these methods are written for "
+                         "epsilon-prediction models such as SD v1.x.")
     for m in (text_encoder, vae):
         m.to(device).eval().requires_grad_(False)
+    if not toy:
+        vae.enable_slicing()  # decode 512x512 images one at a time: batches would not fit in memory
     unet.to(device)
     models = Models(model, path, tokenizer, text_encoder, vae, unet, scheduler, device, dtype, toy)
     if toy:
@@ -219,11 +219,37 @@ def load_models(model: str, device: torch.device, dtype: torch.dtype = torch.flo
     return models
 
 
-def frozen_copy(unet: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """A frozen reference copy of a UNet (eps_ref in the methods' notation)."""
+def load_unet(path: str | Path, device: torch.device | str = "cpu"):
+    """A UNet alone: a UNet folder, a pipeline folder (its unet/), or a hub id with a unet/."""
+    from diffusers import UNet2DConditionModel
+    path = Path(path)
+    sub = "unet" if (path / "unet").exists() or not path.exists() else None
+    try:
+        unet = UNet2DConditionModel.from_pretrained(str(path), subfolder=sub, use_safetensors=True,
+                                                    torch_dtype=torch.float32)
+    except OSError:
+        raise UsageError(f"could not load a UNet from {str(path)!r} (not a UNet folder, or offline).") from None
+    return unet.to(device).eval()
+
+
+def frozen_copy(unet: torch.nn.Module) -> torch.nn.Module:
+    """A frozen float32 reference copy of a UNet (eps_ref in the methods' notation)."""
     import copy
-    ref = copy.deepcopy(unet).eval().requires_grad_(False)
-    return ref.to(dtype) if dtype is not None else ref
+    return copy.deepcopy(unet).eval().requires_grad_(False)
+
+
+def setup_run(args, train: str):
+    """The Setup every method shares: seed/device/precision, models, prompt sets, the frozen
+    reference UNet and the trainable parameters. Returns (models, ps, unet_ref, params)."""
+    device, dtype = setup(args.seed, args.device, args.mixed_precision)
+    models = load_models(args.model, device, dtype)
+    ps = concept_prompts(args.concept, models, read_prompt_list(args.forget_prompts),
+                         read_prompt_list(args.retain_prompts))
+    unet_ref = frozen_copy(models.unet)
+    params = select_trainable(models.unet, train)
+    if args.gradient_checkpointing:
+        models.unet.enable_gradient_checkpointing()
+    return models, ps, unet_ref, params
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,7 +368,9 @@ def toy_prompt_set(concept: str, toy: dict) -> PromptSet:
     forget = compositions(kind, c)
     retain_in = [(prompt(**{kind: w}), w) for w in v[kind] if w != c]
     retain_cross = [(prompt(**{k: w}), k, w) for k in ("shape", "colour", "texture") if k != kind for w in v[k]]
-    retain = [p for w in v[kind] if w != c for p in compositions(kind, w)]
+    retain = ([p for w in v[kind] if w != c for p in compositions(kind, w)]
+              + [p for k in ("shape", "colour", "texture") if k != kind for w in v[k] for p in compositions(k, w)
+                 if c not in p.split()])
     syn = v["synonyms"].get(c)
     synonym = compositions(kind, syn) if syn else []
     return PromptSet(c, kind, forget, retain, retain_in, retain_cross, synonym)
@@ -449,6 +477,7 @@ def ddim_step(scheduler, eps: torch.Tensor, t, x_t: torch.Tensor, eta: float = 0
 
 def guided_eps(unet, x_t: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tensor, w: float):
     """Classifier-free guidance: eps_hat = eps_u + w (eps_c - eps_u), one batched UNet call."""
+    t = torch.cat([t, t]) if torch.is_tensor(t) and t.ndim == 1 else t
     eps_u, eps_c = unet(torch.cat([x_t, x_t]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
     return eps_u + w * (eps_c - eps_u)
 
@@ -523,6 +552,18 @@ def encode_images(models: Models, images: torch.Tensor) -> torch.Tensor:
     vae = models.vae
     latents = vae.encode(images.to(models.device, vae.dtype)).latent_dist.sample()
     return latents.float() * vae.config.scaling_factor
+
+
+def forget_set(models: Models, ps: PromptSet, n: int, seed: int, image_folder: str | None = None):
+    """The forget set: n latents x_0 drawn by the starting model from the forget prompts with fixed
+    seeds, or the images of `image_folder` encoded by the VAE. Returns (x_0, prompts, embeddings)."""
+    if image_folder:
+        x0 = encode_images(models, load_image_folder(image_folder, models.vae.config.sample_size))
+        prompts = cycle(ps.forget, len(x0))
+    else:
+        prompts = cycle(ps.forget, n)
+        x0 = sample(models, prompts, [seed * 10_000 + i for i in range(n)], decode=False, progress=True).latents
+    return x0.to(models.device), prompts, encode_prompts(models, prompts)
 
 
 def load_image_folder(folder: str, size: int) -> torch.Tensor:

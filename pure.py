@@ -16,7 +16,6 @@ the forget prompts); no paired "good" image is needed, unlike DPO.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 
@@ -66,35 +65,21 @@ TOY_DEFAULTS = dict(steps=100, lr=5e-4, beta=100.0, kl_weight=1.0, n_forget=64, 
 # --- Setup ---
 
 def setup(args: Args):
-    device, dtype = common.setup(args.seed, args.device, args.mixed_precision)
-    models = common.load_models(args.model, device, dtype)
-    ps = common.concept_prompts(args.concept, models, common.read_prompt_list(args.forget_prompts),
-                                common.read_prompt_list(args.retain_prompts))
-    unet_ref = common.frozen_copy(models.unet, None if dtype == torch.float32 else dtype)  # eps_ref
-    params = common.select_trainable(models.unet, args.train)                              # theta
-    if args.gradient_checkpointing:
-        models.unet.enable_gradient_checkpointing()
-    return models, ps, unet_ref, params
+    """Seed, device, models, prompt sets; theta = the UNet parameters chosen by --train and
+    eps_ref = a frozen copy of the starting UNet (common.setup_run)."""
+    return common.setup_run(args, args.train)
 
 
 # --- Data ---
 
 def make_data(args: Args, models: common.Models, ps: common.PromptSet):
-    """Forget and retain sets: latents x_0 with their prompt embeddings, generated once by the
-    reference model with fixed seeds (or real forget images encoded by the VAE)."""
-    forget_prompts = common.cycle(ps.forget, args.n_forget)
+    """Forget and retain sets: latents x_0 with their prompt embeddings, drawn once by the
+    reference model with fixed seeds ("negative-only": no paired safe image is needed)."""
+    x0_f, _, c_f = common.forget_set(models, ps, args.n_forget, args.seed, args.forget_images)
     retain_prompts = common.cycle(ps.retain, args.n_retain)
-    if args.forget_images:
-        size = models.vae.config.sample_size
-        x0_f = common.encode_images(models, common.load_image_folder(args.forget_images, size))
-        forget_prompts = common.cycle(ps.forget, len(x0_f))
-    else:
-        x0_f = common.sample(models, forget_prompts, [args.seed * 10_000 + i for i in range(args.n_forget)],
-                             decode=False, progress=True).latents
     x0_r = common.sample(models, retain_prompts, [args.seed * 10_000 + 5_000 + i for i in range(args.n_retain)],
                          decode=False, progress=True).latents
-    return dict(x0_f=x0_f.to(models.device), c_f=common.encode_prompts(models, forget_prompts),
-                x0_r=x0_r.to(models.device), c_r=common.encode_prompts(models, retain_prompts))
+    return dict(x0_f=x0_f, c_f=c_f, x0_r=x0_r.to(models.device), c_r=common.encode_prompts(models, retain_prompts))
 
 
 # --- Loss ---
@@ -176,9 +161,9 @@ def main():
     args = common.parse_args(Args)
     common.fill_defaults(args, TOY_DEFAULTS if args.model == "toy" else SD_DEFAULTS)
     started = time.time()
-    models, ps, unet_ref, params = setup(args)
-    out = args.output_dir or common.default_output_dir("pure", ps.concept)
+    out = args.output_dir or common.default_output_dir("pure", args.concept)
     with common.output_folder(out, args.overwrite) as folder:
+        models, ps, unet_ref, params = setup(args)
         data = make_data(args, models, ps)
         train(args, models, unet_ref, params, data)
         metrics = evaluation.save_and_report(folder, models, ps, models.unet, unet_ref, args, started,

@@ -93,21 +93,19 @@ TOY_DEFAULTS = dict(iterations=30, samples_per_iteration=32, sample_steps=20, gu
 # --- Setup ---
 
 def setup(args: Args):
-    device, dtype = common.setup(args.seed, args.device, args.mixed_precision)
-    models = common.load_models(args.model, device, dtype)
+    """Seed, device, models, prompt sets, the policy parameters theta (--train), the frozen
+    reference policy, the frozen CLIP (reward and critic features) and the critic's head."""
+    if args.eta <= 0:
+        raise common.UsageError("--eta must be > 0: with eta = 0 the DDIM step is deterministic and has "
+                                "no log-probability.")
+    if args.samples_per_iteration < 4:
+        raise common.UsageError("--samples-per-iteration must be at least 4 (two forget, two retain).")
+    models, ps, unet_ref, params = common.setup_run(args, args.train)
     if args.guidance_scale is None:
         args.guidance_scale = models.guidance_scale
-    if args.eta <= 0:
-        raise common.UsageError("--eta must be > 0: with eta = 0 the DDIM step is deterministic and has no log-probability.")
-    ps = common.concept_prompts(args.concept, models, common.read_prompt_list(args.forget_prompts),
-                                common.read_prompt_list(args.retain_prompts))
-    unet_ref = common.frozen_copy(models.unet, None if dtype == torch.float32 else dtype)
-    params = common.select_trainable(models.unet, args.train)
-    if args.gradient_checkpointing:
-        models.unet.enable_gradient_checkpointing()
     clip = evaluation.load_clip(models, args.clip_model)
     feat_dim = clip.model.config.projection_dim
-    critic = Critic(feat_dim, feat_dim, film=args.timestep).to(device)
+    critic = Critic(feat_dim, feat_dim, film=args.timestep).to(models.device)
     return models, ps, unet_ref, params, clip, critic
 
 
@@ -133,7 +131,8 @@ def rewards(args: Args, roll: dict, ps: common.PromptSet, clip, judge) -> torch.
     """Raw terminal rewards r(x_0, c): forget -> away from the concept, retain -> toward own prompt."""
     f, images = roll["is_forget"], roll["images"]
     if args.reward == "classifier":
-        values = [ps.concept if fi else v for fi, v in zip(f.tolist(), _retain_values(roll["prompts"], ps))]
+        retain_values = _retain_values([p for p, fi in zip(roll["prompts"], f.tolist()) if not fi], ps)
+        values = [ps.concept] * int(f.sum()) + retain_values  # forget prompts come first
         p = judge.probability(images, ps.kind, values)
         # forget: r = 1 - p(concept | x_0); retain: r = p(own value | x_0)
         return torch.where(f, 1 - p, p)
@@ -145,9 +144,13 @@ def rewards(args: Args, roll: dict, ps: common.PromptSet, clip, judge) -> torch.
 
 
 def _retain_values(prompts, ps):
-    """The value a retain prompt names (toy): the in-domain word it contains."""
+    """The value each retain prompt names (toy): the word of the concept's kind it contains."""
     values = [v for _, v in ps.retain_in]
-    return [next((v for v in values if v in p.split()), ps.concept) for p in prompts]
+    out = [next((v for v in values if v in p.split()), None) for p in prompts]
+    if None in out:
+        bad = prompts[out.index(None)]
+        raise common.UsageError(f"--reward classifier needs retain prompts that name a {ps.kind}; {bad!r} names none.")
+    return out
 
 
 @torch.no_grad()
@@ -219,22 +222,29 @@ def ppo_loss(log_prob: torch.Tensor, log_prob_old: torch.Tensor, adv: torch.Tens
 
 # --- Training ---
 
-def fit_critic(critic, opt, buffer: list, epochs: int, generator: torch.Generator, device):
-    """Monte-Carlo regression of V_phi on the terminal rewards, over every stored state."""
+def critic_inputs(buffer: list, device):
+    """Every stored state as (features h, timestep t, text embedding, terminal reward r)."""
     h = torch.cat([b["h"] for b in buffer]).flatten(0, 1)
-    n, T = buffer[-1]["h"].shape[:2]
     t = torch.cat([b["t"].expand(len(b["h"]), -1) for b in buffer]).flatten()
     text = torch.cat([b["text"][:, None].expand(-1, b["h"].shape[1], -1) for b in buffer]).flatten(0, 1)
     target = torch.cat([b["r"][:, None].expand(-1, b["h"].shape[1]) for b in buffer]).flatten()
-    h, t, text, target = h.to(device), t.to(device), text.to(device), target.to(device)
+    return h.to(device), t.to(device), text.to(device), target.to(device)
+
+
+def fit_critic(critic, opt, buffer: list, epochs: int, generator: torch.Generator, device) -> float:
+    """Monte-Carlo regression of V_phi on the terminal rewards, over every stored state.
+    Returns the validation MSE: on the newest rollout, measured BEFORE fitting on it."""
+    with torch.no_grad():
+        h, t, text, target = critic_inputs(buffer[-1:], device)
+        val_mse = F.mse_loss(critic(h, t, text), target).item()
+    h, t, text, target = critic_inputs(buffer, device)
     for _ in range(epochs):
         for idx in torch.randperm(len(h), generator=generator).split(256):
             loss = F.mse_loss(critic(h[idx], t[idx], text[idx]), target[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    with torch.no_grad():
-        return F.mse_loss(critic(h, t, text), target).item(), target.var().item()
+    return val_mse
 
 
 def policy_update(args: Args, models: common.Models, unet_ref, params, opt, roll: dict, adv: torch.Tensor,
@@ -247,7 +257,7 @@ def policy_update(args: Args, models: common.Models, unet_ref, params, opt, roll
     pairs = torch.stack([torch.arange(n)[:, None].expand_as(steps), steps], -1).flatten(0, 1)
     cond = common.encode_prompts(models, roll["prompts"])
     uncond = common.encode_prompts(models, [""] * n)
-    stats = {}
+    stats, n_updates = {}, 0
     for _ in range(args.ppo_epochs):
         for mb in pairs[torch.randperm(len(pairs), generator=generator)].split(args.minibatch):
             i, k = mb[:, 0], mb[:, 1]
@@ -267,7 +277,8 @@ def policy_update(args: Args, models: common.Models, unet_ref, params, opt, roll
                 kl = ((mean - mean_ref) ** 2 / (2 * sigma ** 2)).mean()
                 loss = loss + args.kl_weight * kl
                 stats["kl"] = kl.item()
-            common.check_finite(len(stats), loss=loss)
+            common.check_finite(n_updates, loss=loss)
+            n_updates += 1
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -295,8 +306,10 @@ def train(args: Args, models: common.Models, ps: common.PromptSet, unet_ref, par
         h = state_features(args, models, clip, roll)
         buffer = (buffer + [dict(h=h, t=roll["timesteps"][None], text=clip.text_features(roll["prompts"]), r=r)])
         buffer = buffer[-args.buffer_iterations:]
-        critic_mse, reward_var = fit_critic(critic, critic_opt, buffer, args.warmup_epochs if it == 0 else
-                                            args.critic_epochs, g, models.device)
+        # validation MSE of the critic (on this rollout, before fitting) vs the reward's variance
+        critic_mse = fit_critic(critic, critic_opt, buffer, args.warmup_epochs if it == 0 else args.critic_epochs,
+                                g, models.device)
+        reward_var = r.var().item()
         if it == args.iterations:  # the last rollout only measures where the policy ended
             break
         with torch.no_grad():
@@ -320,9 +333,9 @@ def main():
     args = common.parse_args(Args)
     common.fill_defaults(args, TOY_DEFAULTS if args.model == "toy" else SD_DEFAULTS)
     started = time.time()
-    models, ps, unet_ref, params, clip, critic = setup(args)
-    out = args.output_dir or common.default_output_dir("rl_critic", ps.concept)
+    out = args.output_dir or common.default_output_dir("rl_critic", args.concept)
     with common.output_folder(out, args.overwrite) as folder:
+        models, ps, unet_ref, params, clip, critic = setup(args)
         log = train(args, models, ps, unet_ref, params, clip, critic)
         metrics = evaluation.save_and_report(folder, models, ps, models.unet, unet_ref, args, started,
                                              args.n_eval_images, method="CGRU", **log)
