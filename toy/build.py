@@ -330,7 +330,8 @@ def generate(pipe, prompts, seed: int, batch: int = 256) -> torch.Tensor:
     return torch.cat(out).cpu()
 
 
-def quality(folder: Path, device, n_per_value: int = 32, n_uncond: int = 256, seed: int = 1000):
+def quality(folder: Path, device, n_per_value: int = 32, n_uncond: int = 256, seed: int = 1000,
+            grid_path: Path | None = None):
     """Every figure of the toy world's quality table (issue: 'Numbers it must reach')."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPModel, CLIPTokenizer
@@ -365,7 +366,7 @@ def quality(folder: Path, device, n_per_value: int = 32, n_uncond: int = 256, se
     # a picture: one row per shape and per texture (and the empty prompt), 8 seeds each
     rows = [world.caption(s) for s in world.SHAPES] + [world.caption(texture=t) for t in world.TEXTURES] + [""]
     grid = generate(pipe, [p for p in rows for _ in range(8)], seed + 3).view(len(rows), 8, 3, 32, 32)
-    save_grid(grid, ["'" + r + "'" for r in rows], folder / "toy_world.png")
+    save_grid(grid, ["'" + r + "'" for r in rows], grid_path or folder / "toy_world.png")
     # unconditional prior
     images = generate(pipe, [""] * n_uncond, seed + 7)
     pred = judge.predict(images)
@@ -460,6 +461,8 @@ def main():
     parser.add_argument("--snapshots", type=int, default=3, help="number of extra UNet snapshots")
     parser.add_argument("--unet-channels", type=int, nargs=3, default=UNET_CHANNELS,
                         help="UNet block widths")
+    parser.add_argument("--grid", default=str(HERE.parent / "docs" / "toy_world.png"),
+                        help="where to save the picture of base-model samples")
     parser.add_argument("--only-quality", action="store_true", help="skip training, re-measure")
     args = parser.parse_args()
     from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -526,7 +529,7 @@ def main():
         shutil.rmtree(tmp)
 
     t0 = time.time()
-    figures = quality(out, device)
+    figures = quality(out, device, grid_path=Path(args.grid) if args.grid else None)
     timings["quality"] = time.time() - t0
     info = {
         "vocabulary": world.vocabulary(),
