@@ -368,9 +368,8 @@ def toy_prompt_set(concept: str, toy: dict) -> PromptSet:
     forget = compositions(kind, c)
     retain_in = [(prompt(**{kind: w}), w) for w in v[kind] if w != c]
     retain_cross = [(prompt(**{k: w}), k, w) for k in ("shape", "colour", "texture") if k != kind for w in v[k]]
-    retain = ([p for w in v[kind] if w != c for p in compositions(kind, w)]
-              + [p for k in ("shape", "colour", "texture") if k != kind for w in v[k] for p in compositions(k, w)
-                 if c not in p.split()])
+    # in-domain compositions, plus the other kinds named alone ("a red shape", "a striped shape")
+    retain = [p for w in v[kind] if w != c for p in compositions(kind, w)] + [p for p, _, _ in retain_cross]
     syn = v["synonyms"].get(c)
     synonym = compositions(kind, syn) if syn else []
     return PromptSet(c, kind, forget, retain, retain_in, retain_cross, synonym)
@@ -432,15 +431,25 @@ def cycle(items: list, n: int) -> list:
 # DDIM: one step (with its Gaussian log-probability) and the sampler
 # ---------------------------------------------------------------------------------------------
 
+def _abar(scheduler, t, x_t: torch.Tensor):
+    """(abar_t, abar_prev) of a DDIM step: CPU scalars for an int t (no device round trip, as in
+    diffusers), or (n, 1, 1, 1) tensors on x_t's device for one timestep per sample."""
+    step = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    if torch.is_tensor(t) and t.ndim == 1:
+        abar = scheduler.alphas_cumprod.to(x_t.device)
+        t = t.to(x_t.device)
+        prev = torch.where(t - step >= 0, abar[(t - step).clamp(min=0)], scheduler.final_alpha_cumprod.to(x_t.device))
+        shape = (-1, *([1] * (x_t.ndim - 1)))
+        return abar[t].view(shape), prev.view(shape)
+    t = int(t)
+    prev = scheduler.alphas_cumprod[t - step] if t - step >= 0 else scheduler.final_alpha_cumprod
+    return scheduler.alphas_cumprod[t], prev
+
+
 def predicted_x0(scheduler, eps: torch.Tensor, t, x_t: torch.Tensor) -> torch.Tensor:
     """x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t); t an int or one per sample."""
-    abar_t = _per_sample(scheduler.alphas_cumprod.to(x_t.device)[torch.as_tensor(t, device=x_t.device)], x_t)
+    abar_t, _ = _abar(scheduler, t, x_t)
     return (x_t - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()
-
-
-def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A scalar stays a scalar; one value per sample becomes (n, 1, 1, 1) to broadcast."""
-    return v.view(-1, *([1] * (like.ndim - 1))) if v.ndim == 1 else v
 
 
 def ddim_step(scheduler, eps: torch.Tensor, t, x_t: torch.Tensor, eta: float = 0.0,
@@ -453,12 +462,7 @@ def ddim_step(scheduler, eps: torch.Tensor, t, x_t: torch.Tensor, eta: float = 0
     actions under new parameters). log_prob is the mean over latent elements (DDPO convention).
     `t` is an int, or a tensor with one timestep per sample.
     """
-    t = torch.as_tensor(t, device=x_t.device)
-    prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-    abar = scheduler.alphas_cumprod.to(x_t.device)
-    final = scheduler.final_alpha_cumprod.to(x_t.device)
-    abar_t = _per_sample(abar[t], x_t)
-    abar_prev = _per_sample(torch.where(prev_t >= 0, abar[prev_t.clamp(min=0)], final), x_t)
+    abar_t, abar_prev = _abar(scheduler, t, x_t)
     x0_hat = predicted_x0(scheduler, eps, t, x_t)
     # sigma_t = eta * sqrt((1 - abar_prev) / (1 - abar_t)) * sqrt(1 - abar_t / abar_prev)
     sigma = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)).sqrt()
@@ -507,8 +511,8 @@ def sample(models: Models, prompts: list[str], seeds: list[int], unet=None, step
     steps = steps or models.sample_steps
     w = models.guidance_scale if guidance_scale is None else guidance_scale
     sched = models.scheduler
-    sched.set_timesteps(steps, device=models.device)
-    timesteps = sched.timesteps
+    sched.set_timesteps(steps)
+    timesteps = sched.timesteps.tolist()  # python ints: no device round trip per step
     latent_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     out = {k: [] for k in ("images", "latents", "x_t", "x_prev", "log_probs", "x0_hat")}
     chunks = range(0, len(prompts), batch_size)
@@ -523,10 +527,10 @@ def sample(models: Models, prompts: list[str], seeds: list[int], unet=None, step
         for t in timesteps:
             with autocast(models.device, models.dtype):
                 eps = guided_eps(unet, x, t, cond, uncond, w).float()
-            x_prev, log_prob, _, _ = ddim_step(sched, eps, int(t), x, eta, gens)
+            x_prev, log_prob, _, _ = ddim_step(sched, eps, t, x, eta, gens)
             if trajectory:
                 xs.append(x.cpu()), xps.append(x_prev.cpu()), lps.append(log_prob.cpu())
-                x0s.append(predicted_x0(sched, eps, int(t), x).cpu())
+                x0s.append(predicted_x0(sched, eps, t, x).cpu())
             x = x_prev
         out["latents"].append(x.cpu())
         if decode:
@@ -535,7 +539,7 @@ def sample(models: Models, prompts: list[str], seeds: list[int], unet=None, step
             out["x_t"].append(torch.stack(xs, 1)), out["x_prev"].append(torch.stack(xps, 1))
             out["log_probs"].append(torch.stack(lps, 1)), out["x0_hat"].append(torch.stack(x0s, 1))
     cat = {k: torch.cat(v) if v else None for k, v in out.items()}
-    return Samples(cat["images"], cat["latents"], timesteps.cpu() if trajectory else None,
+    return Samples(cat["images"], cat["latents"], torch.tensor(timesteps) if trajectory else None,
                    cat["x_t"], cat["x_prev"], cat["x0_hat"], cat["log_probs"])
 
 

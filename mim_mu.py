@@ -54,7 +54,7 @@ class Args:
 
 # Where the toy and Stable Diffusion defaults differ (spec: shared/methods/mim_mu.md, "Defaults").
 SD_DEFAULTS = dict(epochs=30, lr=1e-5, n_forget=100, batch_size=8)
-TOY_DEFAULTS = dict(epochs=30, lr=1e-3, n_forget=64, batch_size=16)
+TOY_DEFAULTS = dict(epochs=30, lr=3e-4, n_forget=64, batch_size=16)
 
 
 # --- Setup ---
