@@ -126,6 +126,12 @@ def rollouts(args: Args, models: common.Models, ps: common.PromptSet, seed: int)
                 x0_hat=s.x0_hat, log_probs=s.log_probs, timesteps=s.timesteps)
 
 
+def with_text(roll: dict, clip) -> dict:
+    """Add the prompts' CLIP text embeddings (used by the reward and the critic) once."""
+    roll["text"] = clip.text_features(roll["prompts"])
+    return roll
+
+
 @torch.no_grad()
 def rewards(args: Args, roll: dict, ps: common.PromptSet, clip, judge) -> torch.Tensor:
     """Raw terminal rewards r(x_0, c): forget -> away from the concept, retain -> toward own prompt."""
@@ -137,7 +143,7 @@ def rewards(args: Args, roll: dict, ps: common.PromptSet, clip, judge) -> torch.
         # forget: r = 1 - p(concept | x_0); retain: r = p(own value | x_0)
         return torch.where(f, 1 - p, p)
     img = F.normalize(clip.image_features(images), dim=-1)
-    own = F.normalize(clip.text_features(roll["prompts"]), dim=-1)
+    own = F.normalize(roll["text"], dim=-1)
     concept = F.normalize(clip.text_features([ps.forget[0]]), dim=-1)
     # forget: r = -cos(image, concept text); retain: r = cos(image, own prompt)
     return torch.where(f, -(img @ concept.T).squeeze(-1), (img * own).sum(-1))
@@ -295,7 +301,7 @@ def train(args: Args, models: common.Models, ps: common.PromptSet, unet_ref, par
     buffer, scale, log = [], None, {}
     bar = tqdm(range(args.iterations + 1), desc="CGRU")
     for it in bar:
-        roll = rollouts(args, models, ps, seed=args.seed * 100_000 + it)
+        roll = with_text(rollouts(args, models, ps, seed=args.seed * 100_000 + it), clip)
         raw = rewards(args, roll, ps, clip, judge)
         if scale is None:  # standardise each group with the base policy's statistics (a fixed scale)
             scale = {k: (raw[m].mean(), raw[m].std() + 1e-6) for k, m in
@@ -304,7 +310,7 @@ def train(args: Args, models: common.Models, ps: common.PromptSet, unet_ref, par
         r = torch.where(f, (raw - scale["forget"][0]) / scale["forget"][1],
                         (raw - scale["retain"][0]) / scale["retain"][1])
         h = state_features(args, models, clip, roll)
-        buffer = (buffer + [dict(h=h, t=roll["timesteps"][None], text=clip.text_features(roll["prompts"]), r=r)])
+        buffer = (buffer + [dict(h=h, t=roll["timesteps"][None], text=roll["text"], r=r)])
         buffer = buffer[-args.buffer_iterations:]
         # validation MSE of the critic (on this rollout, before fitting) vs the reward's variance
         critic_mse = fit_critic(critic, critic_opt, buffer, args.warmup_epochs if it == 0 else args.critic_epochs,
@@ -315,7 +321,7 @@ def train(args: Args, models: common.Models, ps: common.PromptSet, unet_ref, par
         with torch.no_grad():
             n, T = h.shape[:2]
             values = critic(h.flatten(0, 1).to(models.device), roll["timesteps"].repeat(n).to(models.device),
-                            clip.text_features(roll["prompts"]).repeat_interleave(T, 0).to(models.device)).view(n, T).cpu()
+                            roll["text"].repeat_interleave(T, 0).to(models.device)).view(n, T).cpu()
         adv = gae(values, r, args.gae_lambda)
         # normalise over the batch, clip to +-5
         adv = ((adv - adv.mean()) / (adv.std() + 1e-8)).clamp(-5, 5)

@@ -64,3 +64,18 @@ DEVICE = torch.device(os.environ.get("UNLEARN_TEST_DEVICE", "cpu"))
 def toy_models():
     import common
     return common.load_models("toy", DEVICE)
+
+
+def run_script(script: str, *args: str, timeout: int = 900):
+    """Run a method (or eval.py) end to end in a subprocess from the repository root."""
+    import subprocess
+    return subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def changed_parameters(unet_folder: Path, base_folder: Path) -> set[str]:
+    """Names of the UNet parameters that differ between a saved run and its base model."""
+    from diffusers import UNet2DConditionModel
+    new = UNet2DConditionModel.from_pretrained(unet_folder).named_parameters()
+    old = UNet2DConditionModel.from_pretrained(base_folder).named_parameters()
+    return {n for (n, p), (_, q) in zip(new, old) if not torch.equal(p, q)}

@@ -1,17 +1,14 @@
 """MiM-MU: only cross-attention changes, the MI proxy falls, and it forgets on the toy."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import common
+from conftest import changed_parameters, run_script
 import mim_mu
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_target_is_the_frozen_unconditional_prediction_and_has_no_gradient(tiny_sd):
@@ -32,15 +29,11 @@ def test_target_is_the_frozen_unconditional_prediction_and_has_no_gradient(tiny_
 
 def test_mim_mu_changes_only_attn2_and_the_mi_proxy_falls(tiny_sd, tmp_path):
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "mim_mu.py", "--model", str(tiny_sd), "--concept", "church",
+    r = run_script("mim_mu.py", "--model", str(tiny_sd), "--concept", "church",
                         "--epochs", "10", "--n-forget", "4", "--batch-size", "4", "--lr", "1e-3",
-                        "--n-eval-images", "0", "--output-dir", str(out), "--device", "cpu"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+                        "--n-eval-images", "0", "--output-dir", str(out), "--device", "cpu", timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    from diffusers import UNet2DConditionModel
-    unet = UNet2DConditionModel.from_pretrained(out / "unet")
-    base = UNet2DConditionModel.from_pretrained(tiny_sd / "unet")
-    changed = {n for (n, p), (_, q) in zip(unet.named_parameters(), base.named_parameters()) if not torch.equal(p, q)}
+    changed = changed_parameters(out / "unet", tiny_sd / "unet")
     assert changed and all(".attn2." in n for n in changed)
     run = json.loads((out / "run.json").read_text())
     assert run["mi_proxy_end"] < 0.5 * run["mi_proxy_start"], run
@@ -50,8 +43,8 @@ def test_mim_mu_changes_only_attn2_and_the_mi_proxy_falls(tiny_sd, tmp_path):
                           "measured 2026-11-23 with lr 3e-4: UA 89%, in-domain retain 77% vs base 95%", strict=False)
 def test_mim_mu_forgets_circle_on_the_toy_without_compensation(tmp_path):
     out = tmp_path / "mim_mu-circle"
-    r = subprocess.run([sys.executable, "mim_mu.py", "--model", "toy", "--concept", "circle",
-                        "--output-dir", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    r = run_script("mim_mu.py", "--model", "toy", "--concept", "circle",
+                        "--output-dir", str(out), timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
     print(json.dumps(m, indent=1))

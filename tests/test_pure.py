@@ -1,16 +1,13 @@
 """PURE: the sign of the NPO loss, its saturation, and that it forgets on the toy."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
 
 import common
+from conftest import changed_parameters, run_script
 import pure
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _batch(models, n=4, seed=0):
@@ -54,15 +51,11 @@ def test_at_delta_zero_the_forget_loss_is_gradient_ascent_and_it_saturates():
 
 def test_two_steps_on_a_tiny_sd_pipeline_save_a_unet_that_reloads(tiny_sd, tmp_path):
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "pure.py", "--model", str(tiny_sd), "--concept", "church",
+    r = run_script("pure.py", "--model", str(tiny_sd), "--concept", "church",
                         "--steps", "2", "--n-forget", "2", "--n-retain", "2", "--batch-size", "2",
-                        "--n-eval-images", "0", "--output-dir", str(out), "--device", "cpu"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+                        "--n-eval-images", "0", "--output-dir", str(out), "--device", "cpu", timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    from diffusers import UNet2DConditionModel
-    unet = UNet2DConditionModel.from_pretrained(out / "unet")
-    base = UNet2DConditionModel.from_pretrained(tiny_sd / "unet")
-    changed = [n for (n, p), (_, q) in zip(unet.named_parameters(), base.named_parameters()) if not torch.equal(p, q)]
+    changed = changed_parameters(out / "unet", tiny_sd / "unet")
     assert changed and any(".attn2." in n for n in changed)
     run = json.loads((out / "run.json").read_text())
     assert run["args"]["steps"] == 2 and run["base_model"] == str(tiny_sd)
@@ -70,8 +63,8 @@ def test_two_steps_on_a_tiny_sd_pipeline_save_a_unet_that_reloads(tiny_sd, tmp_p
 
 def test_pure_forgets_circle_on_the_toy_and_keeps_the_other_shapes(tmp_path):
     out = tmp_path / "pure-circle"
-    r = subprocess.run([sys.executable, "pure.py", "--model", "toy", "--concept", "circle",
-                        "--output-dir", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    r = run_script("pure.py", "--model", "toy", "--concept", "circle",
+                        "--output-dir", str(out), timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
     print(json.dumps(m, indent=1))

@@ -1,17 +1,14 @@
 """CGRU: GAE's closed forms, PPO's clip, a critic that explains the reward, forgetting on the toy."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import common
+from conftest import changed_parameters, run_script
 import rl_critic
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_gae_with_lambda_zero_and_one_gives_the_two_closed_forms():
@@ -60,17 +57,13 @@ def test_critic_film_starts_as_identity_and_depends_on_t_after_training():
 
 def test_two_iterations_on_a_tiny_sd_pipeline_save_a_unet_that_reloads(tiny_sd, tmp_path):
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "rl_critic.py", "--model", str(tiny_sd), "--concept", "church",
+    r = run_script("rl_critic.py", "--model", str(tiny_sd), "--concept", "church",
                         "--iterations", "2", "--samples-per-iteration", "4", "--sample-steps", "3",
                         "--minibatch", "4", "--warmup-epochs", "2", "--critic-epochs", "1",
                         "--clip-model", str(common.TOY_DIR / "clip"), "--lr", "1e-3", "--clip-range", "0.2",
-                        "--n-eval-images", "0", "--output-dir", str(out), "--device", "cpu"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+                        "--n-eval-images", "0", "--output-dir", str(out), "--device", "cpu", timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    from diffusers import UNet2DConditionModel
-    unet = UNet2DConditionModel.from_pretrained(out / "unet")
-    base = UNet2DConditionModel.from_pretrained(tiny_sd / "unet")
-    changed = {n for (n, p), (_, q) in zip(unet.named_parameters(), base.named_parameters()) if not torch.equal(p, q)}
+    changed = changed_parameters(out / "unet", tiny_sd / "unet")
     assert changed and all(".attn2." in n for n in changed)
 
 
@@ -78,8 +71,8 @@ def test_two_iterations_on_a_tiny_sd_pipeline_save_a_unet_that_reloads(tiny_sd, 
                           "retain 80% vs base 95%, critic MSE 3.1 < reward variance 3.9, 307 s", strict=False)
 def test_cgru_forgets_circle_on_the_toy_and_its_critic_explains_the_reward(tmp_path):
     out = tmp_path / "rl_critic-circle"
-    r = subprocess.run([sys.executable, "rl_critic.py", "--model", "toy", "--concept", "circle",
-                        "--output-dir", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    r = run_script("rl_critic.py", "--model", "toy", "--concept", "circle",
+                        "--output-dir", str(out), timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
     run = json.loads((out / "run.json").read_text())

@@ -1,15 +1,12 @@
 """VDU: the stability term is the stated quadratic, precision has no infinities, runs save."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
 
 import vdu
+from conftest import run_script
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_stability_is_zero_at_the_anchor_and_grows_quadratically():
@@ -28,10 +25,9 @@ def test_stability_is_zero_at_the_anchor_and_grows_quadratically():
 
 def _run(tiny_sd, tmp_path, *extra):
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "vdu.py", "--model", str(tiny_sd), "--concept", "church",
+    r = run_script("vdu.py", "--model", str(tiny_sd), "--concept", "church",
                         "--steps", "2", "--n-forget", "2", "--batch-size", "2", "--n-eval-images", "0",
-                        "--output-dir", str(out), "--device", "cpu", *extra],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+                        "--output-dir", str(out), "--device", "cpu", *extra, timeout=600)
     return r, out
 
 

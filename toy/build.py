@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+import common
 from toy import world
 from toy.judge import HEADS, Judge, load_judge
 
@@ -366,7 +367,7 @@ def quality(folder: Path, device, n_per_value: int = 32, n_uncond: int = 256, se
     # a picture: one row per shape and per texture (and the empty prompt), 8 seeds each
     rows = [world.caption(s) for s in world.SHAPES] + [world.caption(texture=t) for t in world.TEXTURES] + [""]
     grid = generate(pipe, [p for p in rows for _ in range(8)], seed + 3).view(len(rows), 8, 3, 32, 32)
-    save_grid(grid, ["'" + r + "'" for r in rows], grid_path or folder / "toy_world.png")
+    common.image_grid(grid, grid_path or folder / "toy_world.png", ["'" + r + "'" for r in rows])
     # unconditional prior
     images = generate(pipe, [""] * n_uncond, seed + 7)
     pred = judge.predict(images)
@@ -393,23 +394,6 @@ def quality(folder: Path, device, n_per_value: int = 32, n_uncond: int = 256, se
     figures["clip_top1"] = float((top1 == truth).mean())
     figures["n_images"] = {"per_value": n_per_value, "uncond": n_uncond, "judge": 2000, "clip": 500}
     return figures
-
-
-def save_grid(images: torch.Tensor, labels: list[str], path: Path, scale: int = 3) -> None:
-    """images (rows, cols, 3, 32, 32) in [-1, 1] -> a PNG with a text label left of each row."""
-    from PIL import Image, ImageDraw
-    rows, cols = images.shape[:2]
-    cell, pad = 32 * scale, 4
-    label_w = 8 * max(len(l) for l in labels) + 10
-    canvas = Image.new("RGB", (label_w + cols * (cell + pad), rows * (cell + pad) + pad), "white")
-    draw = ImageDraw.Draw(canvas)
-    for r in range(rows):
-        draw.text((6, r * (cell + pad) + cell // 2), labels[r], fill="black")
-        for c in range(cols):
-            arr = ((images[r, c].permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)
-            tile = Image.fromarray(arr).resize((cell, cell), Image.NEAREST)
-            canvas.paste(tile, (label_w + c * (cell + pad), pad + r * (cell + pad)))
-    canvas.save(path)
 
 
 def summarize(fig) -> str:
