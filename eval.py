@@ -362,9 +362,8 @@ def _footer(metrics: dict) -> str:
             f"CLIP: {metrics['clip_model']}.")
 
 
-def compare(runs: list[Path], grid_path: Path, n_seeds: int = 2) -> str:
-    """One markdown table (base first, one row per run) and one grid (rows = prompts,
-    columns = base + each run, same seeds)."""
+def _finished_runs(runs: list[Path]) -> list[tuple[Path, dict, dict]]:
+    """(folder, metrics.json, run.json) of each run; all must be finished runs of one concept."""
     infos = []
     for r in runs:
         if not (r / "metrics.json").exists() or not (r / "unet").exists():
@@ -373,14 +372,14 @@ def compare(runs: list[Path], grid_path: Path, n_seeds: int = 2) -> str:
     concepts = {m["concept"] for _, m, _ in infos}
     if len(concepts) > 1:
         raise common.UsageError(f"--compare needs runs of one concept, got {', '.join(sorted(concepts))}.")
-    cols = [("ua", "UA"), ("ua_synonym", "synonym UA"), ("retain_in", "retain (in)"),
-            ("retain_cross", "retain (cross)"), ("clip_forget", "CLIP forget"),
-            ("clip_retain", "CLIP retain"), ("fd_clip", "FD-CLIP"), ("wall_time_s", "wall time (s)")]
-    rows = [("base", infos[0][1]["base"])]
-    for r, m, _ in infos:
-        rows.append((r.name, {**m["unlearned"], "wall_time_s": m.get("wall_time_s")}))
-    table = _table(rows, cols) + "\n" + _footer(infos[0][1])
-    # grid: two forget prompts, one synonym, two retain prompts; base + every run, same seeds
+    return infos
+
+
+def compare_images(runs: list[Path], n_seeds: int = 2):
+    """Images for the comparison grid: two forget prompts, one synonym prompt and two retain
+    prompts, each with n_seeds seeds; columns = base + every run, same seeds.
+    Returns (images (rows, cols, 3, H, W), row labels, column labels)."""
+    infos = _finished_runs(runs)
     run_json = infos[0][2]
     device, dtype = common.setup(0, "auto", "no")
     models = common.load_models(run_json["base_model"], device, dtype)
@@ -394,10 +393,23 @@ def compare(runs: list[Path], grid_path: Path, n_seeds: int = 2) -> str:
     for r, _, _ in infos:
         unet = common.load_unet(r / "unet", device)
         columns.append(common.sample(models, flat, seeds, unet=unet).images)
-    # (rows = prompt x seed, cols = base + runs)
-    grid = torch.stack(columns, 1)
     labels = [f"{p} (seed {s})" for p, s in zip(flat, seeds)]
-    common.image_grid(grid, grid_path, labels, ["base"] + [r.name for r in runs])
+    return torch.stack(columns, 1), labels, ["base"] + [run.get("method", r.name) for r, _, run in infos]
+
+
+def compare(runs: list[Path], grid_path: Path, n_seeds: int = 2) -> str:
+    """One markdown table (base first, one row per run) and one grid (rows = prompts,
+    columns = base + each run, same seeds)."""
+    infos = _finished_runs(runs)
+    cols = [("ua", "UA"), ("ua_synonym", "synonym UA"), ("retain_in", "retain (in)"),
+            ("retain_cross", "retain (cross)"), ("clip_forget", "CLIP forget"),
+            ("clip_retain", "CLIP retain"), ("fd_clip", "FD-CLIP"), ("wall_time_s", "wall time (s)")]
+    rows = [("base", infos[0][1]["base"])]
+    for r, m, _ in infos:
+        rows.append((r.name, {**m["unlearned"], "wall_time_s": m.get("wall_time_s")}))
+    table = _table(rows, cols) + "\n" + _footer(infos[0][1])
+    images, row_labels, col_labels = compare_images(runs, n_seeds)
+    common.image_grid(images, grid_path, row_labels, col_labels)
     return table
 
 

@@ -19,9 +19,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
+import eval as evaluation  # noqa: E402
 from toy import world  # noqa: E402
 
 METHODS = ["pure", "mim_mu", "vdu", "rl_critic"]
@@ -63,6 +66,8 @@ def main():
     p.add_argument("--quick", action="store_true", help="only circle and striped")
     p.add_argument("--outputs", default="outputs", help="where runs are saved (and reused from)")
     p.add_argument("--results", default="docs/results.md", help="markdown report to write")
+    p.add_argument("--figure", default="docs/compare.png",
+                   help="side-by-side grid for circle and striped (base + each method, same seeds)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="arguments passed to every run")
     args = p.parse_args()
     concepts = ["circle", "striped"] if args.quick else args.concepts
@@ -102,6 +107,14 @@ def main():
     for method, a in averages.items():
         lines.append(f"| {method} | " + " | ".join(fmt(k, a[k]) for k, _ in COLS) + " |")
     lines += ["", f"Whole benchmark (including reused runs): {time.time() - started:.0f}s of this invocation."]
+    figure_concepts = [c for c in ("circle", "striped") if all(results.get((m, c)) for m in args.methods)]
+    if figure_concepts:
+        # eval.py --compare's grid, one block of rows per concept (object, then style)
+        blocks = [evaluation.compare_images([outputs / f"{m}-{c}" for m in args.methods]) for c in figure_concepts]
+        common.image_grid(torch.cat([b[0] for b in blocks]), ROOT / args.figure,
+                          [label for b in blocks for label in b[1]], blocks[0][2])
+        lines.insert(4, f"![base model and each method on the same prompts and seeds]({Path(args.figure).name})\n")
+        print(f"wrote {ROOT / args.figure}")
     path = ROOT / args.results
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")

@@ -79,3 +79,31 @@ def changed_parameters(unet_folder: Path, base_folder: Path) -> set[str]:
     new = UNet2DConditionModel.from_pretrained(unet_folder).named_parameters()
     old = UNet2DConditionModel.from_pretrained(base_folder).named_parameters()
     return {n for (n, p), (_, q) in zip(new, old) if not torch.equal(p, q)}
+
+
+def readme_blocks(language: str) -> list[str]:
+    """The README's fenced code blocks of one language, in order."""
+    import re
+    text = (ROOT / "README.md").read_text()
+    return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)
+
+
+def readme_quick_start() -> list[str]:
+    """The two quick-start commands: the first bash block of the README."""
+    return [line for line in readme_blocks("bash")[0].splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def quick_start(tmp_path_factory) -> Path:
+    """Run the README's first quick-start command verbatim, in a fresh folder that holds the
+    project's files (so its outputs/ starts empty), and return that folder."""
+    import subprocess
+    sandbox = tmp_path_factory.mktemp("quick_start")
+    for entry in ROOT.iterdir():
+        if entry.suffix == ".py" or entry.name in ("toy", "requirements.txt"):
+            (sandbox / entry.name).symlink_to(entry)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    r = subprocess.run(["bash", "-c", readme_quick_start()[0]], cwd=sandbox, env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return sandbox

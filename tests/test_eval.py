@@ -9,6 +9,7 @@ import torch
 
 import common
 import eval as ev
+from conftest import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,3 +40,29 @@ def test_eval_cli_prints_the_metrics_json_shape():
     m = json.loads(r.stdout)
     assert m["concept"] == "striped" and m["kind"] == "texture" and m["n_forget_images"] == 8
     assert {"ua", "ua_synonym", "retain_in", "retain_cross", "clip_forget", "clip_retain"} <= set(m["base"])
+
+
+def test_compare_on_two_tiny_saved_runs_writes_the_table_and_the_grid(tmp_path):
+    from PIL import Image
+    tiny = ["--model", "toy", "--concept", "circle", "--n-forget", "4", "--batch-size", "2",
+            "--n-eval-images", "4", "--device", "cpu"]
+    runs = [tmp_path / "pure-circle", tmp_path / "mim_mu-circle"]
+    r = run_script("pure.py", *tiny, "--steps", "2", "--n-retain", "4", "--output-dir", runs[0])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_script("mim_mu.py", *tiny, "--epochs", "1", "--output-dir", runs[1])
+    assert r.returncode == 0, r.stderr[-3000:]
+    grid = tmp_path / "compare.png"
+    r = run_script("eval.py", "--compare", *runs, "--compare-grid", grid, "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-3000:]
+    table = [line for line in r.stdout.splitlines() if line.startswith("| ")]
+    # header + base + one row per run, each with the run's own UA
+    assert [line.split("|")[1].strip() for line in table[1:]] == ["base", "pure-circle", "mim_mu-circle"]
+    for run, line in zip(runs, table[2:]):
+        ua = json.loads((run / "metrics.json").read_text())["unlearned"]["ua"]
+        assert f"{ua:.1%}" in line
+    # rows: (2 forget + 1 synonym + 2 retain prompts) x 2 seeds; columns: base + 2 runs, 96-px cells
+    w, h = Image.open(grid).size
+    assert h >= 10 * 96 and w >= 3 * 96
+    # a folder that is not a finished run: one sentence, no traceback
+    r2 = run_script("eval.py", "--compare", runs[0], tmp_path / "nowhere", "--device", "cpu")
+    assert r2.returncode == 2 and "is not a finished run" in r2.stderr and "Traceback" not in r2.stderr

@@ -5,7 +5,7 @@ import json
 import torch
 
 import common
-from conftest import changed_parameters, run_script
+from conftest import changed_parameters, readme_quick_start, run_script
 import pure
 
 
@@ -61,11 +61,10 @@ def test_two_steps_on_a_tiny_sd_pipeline_save_a_unet_that_reloads(tiny_sd, tmp_p
     assert run["args"]["steps"] == 2 and run["base_model"] == str(tiny_sd)
 
 
-def test_pure_forgets_circle_on_the_toy_and_keeps_the_other_shapes(tmp_path):
-    out = tmp_path / "pure-circle"
-    r = run_script("pure.py", "--model", "toy", "--concept", "circle",
-                        "--output-dir", str(out), timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
+def test_pure_forgets_circle_on_the_toy_and_keeps_the_other_shapes(quick_start):
+    # the README's quick start is exactly this run: PURE with its default toy settings on circle
+    assert readme_quick_start()[0].endswith("python pure.py --model toy --concept circle")
+    out = quick_start / "outputs" / "pure-circle"
     m = json.loads((out / "metrics.json").read_text())
     print(json.dumps(m, indent=1))
     assert m["n_forget_images"] >= 64 and m["n_retain_images"] >= 64

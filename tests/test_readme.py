@@ -1,0 +1,31 @@
+"""The README's commands are run here, so the README cannot drift from the code."""
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT, readme_blocks, readme_quick_start
+
+
+def test_quick_start_is_two_commands_and_the_second_is_what_ci_runs():
+    install_and_run, install_and_test = readme_quick_start()
+    assert install_and_run.startswith("pip install -r requirements.txt && python ")
+    ci = (ROOT / ".ci" / "run").read_text()
+    install, test = install_and_test.split(" && ")
+    assert install == "pip install -r requirements.txt" and "pip install -q -r requirements.txt" in ci
+    assert test in ci
+
+
+def test_quick_start_saves_the_run_the_readme_describes(quick_start):
+    # "the run is saved under outputs/pure-circle/ (unet/, run.json, metrics.json, before_after.png)"
+    out = quick_start / "outputs" / "pure-circle"
+    assert {"unet", "run.json", "metrics.json", "before_after.png"} <= {p.name for p in out.iterdir()}
+    assert json.loads((out / "metrics.json").read_text())["concept"] == "circle"
+
+
+def test_load_in_diffusers_snippet_runs_on_the_quick_start_output(quick_start):
+    snippet = next(b for b in readme_blocks("python") if "UNet2DConditionModel.from_pretrained" in b)
+    check = "\nassert image.size == (32, 32), image.size\nprint('ok')\n"
+    r = subprocess.run([sys.executable, "-c", snippet + check], cwd=quick_start, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
