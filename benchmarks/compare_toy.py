@@ -28,6 +28,8 @@ import eval as evaluation  # noqa: E402
 from toy import world  # noqa: E402
 
 METHODS = ["pure", "mim_mu", "vdu", "rl_critic"]
+# the bar each method's issue sets: UA >= 90% and in-domain retain within this many points of the base
+RETAIN_BAR = {"pure": 0.10, "mim_mu": 0.05, "vdu": 0.10, "rl_critic": 0.15}
 COLS = [("ua", "UA"), ("ua_synonym", "synonym UA"), ("retain_in", "retain in"), ("retain_cross", "retain cross"),
         ("clip_forget", "CLIP forget"), ("clip_retain", "CLIP retain"), ("fd_clip", "FD-CLIP"),
         ("wall_time_s", "wall time (s)")]
@@ -39,10 +41,12 @@ def fmt(key, v):
     return f"{v:.0%}" if key in ("ua", "ua_synonym", "retain_in", "retain_cross") else f"{v:.1f}"
 
 
-def run(method: str, concept: str, outputs: Path, extra: list[str]) -> dict:
+def run(method: str, concept: str, outputs: Path, extra: list[str], reuse_only: bool = False) -> dict:
     out = outputs / f"{method}-{concept}"
     if (out / "metrics.json").exists():
         return json.loads((out / "metrics.json").read_text())
+    if reuse_only:
+        return {}
     log = outputs / f"{method}-{concept}.log"
     cmd = [sys.executable, f"{method}.py", "--model", "toy", "--concept", concept, "--output-dir", str(out),
            "--overwrite", *extra]
@@ -68,24 +72,26 @@ def main():
     p.add_argument("--results", default="docs/results.md", help="markdown report to write")
     p.add_argument("--figure", default="docs/compare.png",
                    help="side-by-side grid for circle and striped (base + each method, same seeds)")
+    p.add_argument("--reuse-only", action="store_true", help="run nothing: report the runs already in --outputs")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="arguments passed to every run")
     args = p.parse_args()
     concepts = ["circle", "striped"] if args.quick else args.concepts
     outputs = ROOT / args.outputs
     outputs.mkdir(parents=True, exist_ok=True)
-    started = time.time()
     results = {}
     for method in args.methods:
         print(f"{method}:")
         for c in concepts:
-            results[(method, c)] = run(method, c, outputs, args.extra)
+            results[(method, c)] = run(method, c, outputs, args.extra, args.reuse_only)
     lines = [f"# Toy benchmark: {', '.join(args.methods)}", "",
              f"Measured {datetime.date.today()} on {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
              f"default toy settings, with `python benchmarks/compare_toy.py {' '.join(sys.argv[1:])}`. "
              "Each figure: 64 images per group (forget, synonym, retain in-domain, retain cross-domain), "
-             "evaluation seed 0, judged by the toy judge; CLIP = the toy CLIP.", ""]
-    header = "| concept | " + " | ".join(c for _, c in COLS) + " |"
-    rule = "|---" * (len(COLS) + 1) + "|"
+             "evaluation seed 0, judged by the toy judge; CLIP = the toy CLIP. Each run is "
+             "`python <method>.py --model toy --concept <concept>`" + (f" {' '.join(args.extra)}" if args.extra else "")
+             + " (its console output: `outputs/<method>-<concept>.log`); runs already in `outputs/` are reused.", ""]
+    header = "| concept | " + " | ".join(c for _, c in COLS) + " | meets bar |"
+    rule = "|---" * (len(COLS) + 2) + "|"
     averages = {}
     for method in args.methods:
         lines += [f"## {method}", "", header, rule]
@@ -93,20 +99,26 @@ def main():
         for c in concepts:
             m = results[(method, c)]
             if not m:
-                lines.append(f"| {c} | failed |" + " |" * (len(COLS) - 1))
+                lines.append(f"| {c} | {'not run' if args.reuse_only else 'failed'} |" + " |" * len(COLS))
                 continue
             u = {**m["unlearned"], "wall_time_s": m["wall_time_s"]}
-            rows.append(u)
             base = m["base"]
+            u["meets"] = u["ua"] >= 0.90 and u["retain_in"] >= base["retain_in"] - RETAIN_BAR[method] - 1e-9
+            rows.append(u)
             lines.append(f"| {c} | " + " | ".join(
-                fmt(k, u.get(k)) + (f" ({fmt(k, base.get(k))})" if k in base else "") for k, _ in COLS) + " |")
+                fmt(k, u.get(k)) + (f" ({fmt(k, base.get(k))})" if k in base else "") for k, _ in COLS)
+                + f" | {'yes' if u['meets'] else 'no'} |")
         if rows:
             averages[method] = {k: float(np.mean([r[k] for r in rows if r.get(k) is not None])) for k, _ in COLS}
-        lines += ["", "(in brackets: the base model on the same prompts and seeds)", ""]
-    lines += ["## Averages over concepts", "", "| method | " + " | ".join(c for _, c in COLS) + " |", rule]
+            averages[method]["meets"] = f"{sum(r['meets'] for r in rows)}/{len(rows)}"
+        lines += ["", f"(in brackets: the base model on the same prompts and seeds; bar: UA >= 90% and in-domain "
+                      f"retain at most {RETAIN_BAR[method] * 100:.0f} points below the base)", ""]
+    lines += ["## Averages over concepts", "",
+              "| method | " + " | ".join(c for _, c in COLS) + " | concepts meeting the bar |", rule]
     for method, a in averages.items():
-        lines.append(f"| {method} | " + " | ".join(fmt(k, a[k]) for k, _ in COLS) + " |")
-    lines += ["", f"Whole benchmark (including reused runs): {time.time() - started:.0f}s of this invocation."]
+        lines.append(f"| {method} | " + " | ".join(fmt(k, a[k]) for k, _ in COLS) + f" | {a['meets']} |")
+    total = sum(m.get("wall_time_s", 0) for m in results.values() if m)
+    lines += ["", f"Sum of the runs' wall times: {total / 60:.1f} min ({sum(1 for m in results.values() if m)} runs)."]
     figure_concepts = [c for c in ("circle", "striped") if all(results.get((m, c)) for m in args.methods)]
     if figure_concepts:
         # eval.py --compare's grid, one block of rows per concept (object, then style)

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 import vdu
@@ -48,3 +49,27 @@ def test_identical_checkpoints_give_a_finite_precision_thanks_to_the_floor(tiny_
     anchor, precision = vdu.precision_and_anchor(args, models, params, {})
     flat = torch.cat([p.flatten() for p in precision])
     assert torch.isfinite(flat).all() and abs(flat.mean().item() - 1) < 1e-4
+
+
+def test_unbounded_ascent_runs_away_on_the_toy_and_the_divergence_stop_saves_nothing(tmp_path):
+    # measured: without the bound, gamma 0.5 sends A past 100x its start within ~20 steps
+    out = tmp_path / "vdu-circle"
+    r = run_script("vdu.py", "--model", "toy", "--concept", "circle", "--precision-from", "checkpoints",
+                   "--gamma", "0.5", "--ascent-bound", "0", "--n-eval-images", "0", "--output-dir", out)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "the forget loss A ran away" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()
+
+
+@pytest.mark.xfail(reason="open (issue 6): no setting searched both forgets and keeps the rest; the default is "
+                          "the best trade-off measured on circle 2026-11-23 (fisher, gamma 0.5, bound 3, 100 steps): UA 77%, in-domain retain 86% vs 95%",
+                   strict=False)
+def test_vdu_forgets_circle_on_the_toy_and_keeps_the_other_shapes(tmp_path):
+    out = tmp_path / "vdu-circle"
+    r = run_script("vdu.py", "--model", "toy", "--concept", "circle", "--output-dir", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    print(json.dumps(m, indent=1))
+    assert m["n_forget_images"] >= 64 and m["n_retain_images"] >= 64
+    assert m["unlearned"]["ua"] >= 0.90
+    assert m["unlearned"]["retain_in"] >= m["base"]["retain_in"] - 0.10
