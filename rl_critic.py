@@ -137,10 +137,13 @@ def rewards(args: Args, roll: dict, ps: common.PromptSet, clip, judge) -> torch.
     """Raw terminal rewards r(x_0, c): forget -> away from the concept, retain -> toward own prompt."""
     f, images = roll["is_forget"], roll["images"]
     if args.reward == "classifier":
-        retain_values = _retain_values([p for p, fi in zip(roll["prompts"], f.tolist()) if not fi], ps)
-        values = [ps.concept] * int(f.sum()) + retain_values  # forget prompts come first
-        p = judge.probability(images, ps.kind, values)
-        # forget: r = 1 - p(concept | x_0); retain: r = p(own value | x_0)
+        # forget: r = 1 - p(concept | x_0); retain: r = p(the value its prompt names | x_0)
+        targets = [(ps.kind, ps.concept) if fi else _retain_target(prompt, ps)
+                   for prompt, fi in zip(roll["prompts"], f.tolist())]
+        p = torch.empty(len(targets))
+        for kind in {k for k, _ in targets}:  # the judge has one head per kind
+            idx = [j for j, (k, _) in enumerate(targets) if k == kind]
+            p[idx] = judge.probability(images[idx], kind, [targets[j][1] for j in idx])
         return torch.where(f, 1 - p, p)
     img = F.normalize(clip.image_features(images), dim=-1)
     own = F.normalize(roll["text"], dim=-1)
@@ -149,14 +152,15 @@ def rewards(args: Args, roll: dict, ps: common.PromptSet, clip, judge) -> torch.
     return torch.where(f, -(img @ concept.T).squeeze(-1), (img * own).sum(-1))
 
 
-def _retain_values(prompts, ps):
-    """The value each retain prompt names (toy): the word of the concept's kind it contains."""
-    values = [v for _, v in ps.retain_in]
-    out = [next((v for v in values if v in p.split()), None) for p in prompts]
-    if None in out:
-        bad = prompts[out.index(None)]
-        raise common.UsageError(f"--reward classifier needs retain prompts that name a {ps.kind}; {bad!r} names none.")
-    return out
+def _retain_target(prompt: str, ps: common.PromptSet) -> tuple[str, str]:
+    """(kind, value) a toy retain prompt should show: its value of the concept's kind if it names
+    one ('a red square' -> shape square), else the other value it names ('a striped shape')."""
+    named = [(ps.kind, v) for _, v in ps.retain_in] + [(k, v) for _, k, v in ps.retain_cross]
+    words = prompt.split()
+    for kind, value in named:
+        if value in words:
+            return kind, value
+    raise common.UsageError(f"--reward classifier needs retain prompts that name a toy value; {prompt!r} names none.")
 
 
 @torch.no_grad()
@@ -303,12 +307,14 @@ def train(args: Args, models: common.Models, ps: common.PromptSet, unet_ref, par
     for it in bar:
         roll = with_text(rollouts(args, models, ps, seed=args.seed * 100_000 + it), clip)
         raw = rewards(args, roll, ps, clip, judge)
-        if scale is None:  # standardise each group with the base policy's statistics (a fixed scale)
-            scale = {k: (raw[m].mean(), raw[m].std() + 1e-6) for k, m in
-                     (("forget", roll["is_forget"]), ("retain", ~roll["is_forget"]))}
         f = roll["is_forget"]
-        r = torch.where(f, (raw - scale["forget"][0]) / scale["forget"][1],
-                        (raw - scale["retain"][0]) / scale["retain"][1])
+        if scale is None:  # standardise with the base policy's statistics (then a fixed scale):
+            # each group centred on its own base mean, both divided by the pooled within-group std.
+            # reconstructed: a per-group std would blow up a group the base policy scores alike
+            # (the judge gives every base circle 1 - p(circle) ~ 0).
+            mean = {"forget": raw[f].mean(), "retain": raw[~f].mean()}
+            scale = (0.5 * (raw[f].var() + raw[~f].var())).sqrt() + 1e-6
+        r = (raw - torch.where(f, mean["forget"], mean["retain"])) / scale
         h = state_features(args, models, clip, roll)
         buffer = (buffer + [dict(h=h, t=roll["timesteps"][None], text=roll["text"], r=r)])
         buffer = buffer[-args.buffer_iterations:]
@@ -330,7 +336,7 @@ def train(args: Args, models: common.Models, ps: common.PromptSet, unet_ref, par
                "critic_mse": critic_mse, "reward_var": reward_var, **stats}
         bar.set_postfix({k: f"{v:.3g}" for k, v in log.items()}, refresh=False)
     return {"critic_mse": critic_mse, "reward_var": reward_var,
-            "r_forget_start": scale["forget"][0].item(), "r_forget_end": raw[f].mean().item()}
+            "r_forget_start": mean["forget"].item(), "r_forget_end": raw[f].mean().item()}
 
 
 # --- Save and report ---

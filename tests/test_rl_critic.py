@@ -55,6 +55,22 @@ def test_critic_film_starts_as_identity_and_depends_on_t_after_training():
     assert film_mse < 0.05 and blind_mse > 0.9  # without t the critic cannot tell the two apart
 
 
+def test_classifier_reward_scores_every_retain_prompt_by_the_value_it_names(toy_models):
+    ps = common.concept_prompts("circle", toy_models)
+    judge = rl_critic.evaluation.Judge(toy_models)
+    # forget prompts, a same-kind retain prompt and a cross-kind one ("a striped shape" names no shape)
+    prompts = ps.forget[:2] + ["a red square", "a striped shape"]
+    images = common.sample(toy_models, prompts, [0, 1, 2, 3]).images
+    roll = dict(prompts=prompts, images=images, is_forget=torch.tensor([True, True, False, False]))
+    args = common.parse_args(rl_critic.Args, ["--concept", "circle", "--reward", "classifier"])
+    r = rl_critic.rewards(args, roll, ps, None, judge)
+    assert rl_critic._retain_target("a striped shape", ps) == ("texture", "striped")
+    assert rl_critic._retain_target("a red square", ps) == ("shape", "square")
+    # the base model draws what it is asked: circles earn little as forget samples (1 - p(circle)),
+    # the retain images earn much (p(own value))
+    assert r[:2].max() < 0.2 and r[2:].min() > 0.8, r
+
+
 def test_two_iterations_on_a_tiny_sd_pipeline_save_a_unet_that_reloads(tiny_sd, tmp_path):
     out = tmp_path / "run"
     r = run_script("rl_critic.py", "--model", str(tiny_sd), "--concept", "church",
