@@ -83,8 +83,9 @@ def test_two_iterations_on_a_tiny_sd_pipeline_save_a_unet_that_reloads(tiny_sd, 
     assert changed and all(".attn2." in n for n in changed)
 
 
-@pytest.mark.xfail(reason="open (issue 7): toy defaults not tuned yet; measured 2026-11-23: UA 52%, in-domain "
-                          "retain 80% vs base 95%, critic MSE 3.1 < reward variance 3.9, 307 s", strict=False)
+@pytest.mark.xfail(reason="open (issue 7): measured 2026-11-23 with the defaults: UA 12.5%, in-domain retain "
+                          "87.5% vs base 95.3%, critic MSE 0.91 vs reward variance 0.92, 296 s; no setting of the "
+                          "search in docs/cgru_search.md meets the bar", strict=False)
 def test_cgru_forgets_circle_on_the_toy_and_its_critic_explains_the_reward(tmp_path):
     out = tmp_path / "rl_critic-circle"
     r = run_script("rl_critic.py", "--model", "toy", "--concept", "circle",
