@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
@@ -62,14 +61,7 @@ def main():
         critic = rl_critic.Critic(dim, dim, film=film)
         opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)
         buf = [dict(h=r["h_" + source], t=r["timesteps"][None], text=r["text"], r=r["r"]) for r in rolls]
-        h, t, text, target = rl_critic.critic_inputs(buf[:-1], "cpu")
-        g = torch.Generator().manual_seed(a.seed)
-        for _ in range(a.epochs):
-            for idx in torch.randperm(len(h), generator=g).split(256):
-                loss = F.mse_loss(critic(h[idx], t[idx], text[idx]), target[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+        rl_critic.fit_critic(critic, opt, buf[:-1], a.epochs, torch.Generator().manual_seed(a.seed), "cpu")
         with torch.no_grad():
             h, t, text, target = rl_critic.critic_inputs(buf[-1:], "cpu")
             err = ((critic(h, t, text) - target) ** 2).view(-1, T)
