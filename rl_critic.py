@@ -60,7 +60,8 @@ class Args:
     clip_range: float = common.arg(None, "PPO ratio clip epsilon")
     gae_lambda: float = common.arg(0.95, "GAE lambda: 0 = per-step critic differences, 1 = r - V(s_t)")
     kl_weight: float = common.arg(0.0, "beta_kl: per-step KL to the frozen reference policy")
-    timestep_fraction: float = common.arg(1.0, "share of each trajectory's steps trained on")
+    train_steps: float = common.arg(None, "PPO trains on this share of each trajectory's steps, noisiest "
+                                          "first (1: all)")
     reward: str = common.arg("clip", "terminal reward: CLIP similarity, or the judge (then UA is optimised)",
                              choices=["clip", "classifier"])
     critic_input: str = common.arg("x_t", "what the critic sees: the noisy state, or the predicted x0_hat "
@@ -70,7 +71,7 @@ class Args:
                                        "the toy, openai/clip-vit-large-patch14 on SD)")
     critic_lr: float = common.arg(1e-3, "critic Adam learning rate")
     critic_epochs: int = common.arg(20, "critic passes over the replay buffer per iteration")
-    warmup_epochs: int = common.arg(100, "critic passes over the base-policy rollouts before any update")
+    warmup_epochs: int = common.arg(20, "critic passes over the base-policy rollouts before any update")
     buffer_iterations: int = common.arg(4, "replay buffer: keep the states of this many recent iterations")
     forget_prompts: list[str] = common.arg([], "override the forget prompts (or @file.txt)")
     retain_prompts: list[str] = common.arg([], "override the retain prompts (or @file.txt)")
@@ -85,9 +86,9 @@ class Args:
 
 # Where the toy and Stable Diffusion defaults differ (spec: shared/methods/rl_critic.md, "Defaults").
 SD_DEFAULTS = dict(iterations=100, samples_per_iteration=64, sample_steps=50, guidance_scale=5.0,
-                   lr=3e-4, minibatch=8, clip_range=1e-4)
+                   lr=3e-4, minibatch=8, clip_range=1e-4, train_steps=1.0)
 TOY_DEFAULTS = dict(iterations=30, samples_per_iteration=32, sample_steps=20, guidance_scale=None,
-                    lr=3e-4, minibatch=64, clip_range=1e-4)
+                    lr=3e-4, minibatch=64, clip_range=1e-4, train_steps=0.5)
 
 
 # --- Setup ---
@@ -262,9 +263,12 @@ def policy_update(args: Args, models: common.Models, unet_ref, params, opt, roll
     """PPO on (state, action) pairs of this iteration, re-scoring stored actions under theta."""
     unet = models.unet.train()
     n, T = adv.shape
-    steps = torch.stack([torch.randperm(T, generator=generator)[:max(1, int(T * args.timestep_fraction))]
-                         for _ in range(n)])
-    pairs = torch.stack([torch.arange(n)[:, None].expand_as(steps), steps], -1).flatten(0, 1)
+    # reconstructed (--train-steps): only the noisiest steps, where the sample's content is decided.
+    # The log-prob gradient scales as 1/sigma_t, so the last, near-deterministic steps would
+    # otherwise carry most of the gradient norm, and on the toy it is noise: gradients of
+    # independent batches agree (cosine 0.03-0.2) on the first 10 of 20 steps, not on the last 10.
+    steps = torch.arange(max(1, round(T * args.train_steps)))
+    pairs = torch.cartesian_prod(torch.arange(n), steps)
     cond = common.encode_prompts(models, roll["prompts"])
     uncond = common.encode_prompts(models, [""] * n)
     stats, n_updates = {}, 0
