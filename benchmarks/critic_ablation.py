@@ -28,11 +28,13 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--concept", default="circle", help="toy concept")
     p.add_argument("--train-rollouts", type=int, default=4, help="rollouts of 32 trajectories to fit on")
-    p.add_argument("--epochs", type=int, default=100, help="critic passes over the training states")
+    p.add_argument("--epochs", type=int, default=None, help="critic passes over the training states "
+                                                            "(default: rl_critic.py's warm-up epochs)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     args = common.parse_args(rl_critic.Args, ["--model", "toy", "--concept", a.concept, "--seed", str(a.seed)])
     common.fill_defaults(args, rl_critic.TOY_DEFAULTS)
+    a.epochs = a.epochs or args.warmup_epochs
     models, ps, _, _, clip, _ = rl_critic.setup(args)
     rolls = []
     for i in range(a.train_rollouts + 1):  # the last one is held out
