@@ -268,9 +268,9 @@ def policy_update(args: Args, models: common.Models, unet_ref, params, opt, roll
     n, T = adv.shape
     # reconstructed (--train-steps): only the noisiest steps, where the sample's content is decided.
     # Measured on the toy (benchmarks/cgru_gradient_agreement.py): the least noisy half of the steps
-    # takes most of the gradient norm, and there the gradients of independent batches do not agree
-    # (noise); on the noisiest half they do, a little. One cause: the log-prob's sensitivity to the
-    # UNet output, |d mu / d eps_hat| / sigma_t, is 5.4 at t = 51 against 0.6-1.1 at the other steps.
+    # takes almost all of the gradient norm, and there the gradients of independent batches do not
+    # agree: it is noise, crowding out the steps that decide the shape. One cause: the log-prob's
+    # sensitivity to the UNet output, |d mu / d eps_hat| / sigma_t, is 5.4 at t = 51, 0.6-1.1 elsewhere.
     steps = torch.arange(max(1, round(T * args.train_steps)))
     pairs = torch.cartesian_prod(torch.arange(n), steps)
     cond = common.encode_prompts(models, roll["prompts"])
