@@ -480,7 +480,10 @@ def ddim_step(scheduler, eps: torch.Tensor, t, x_t: torch.Tensor, eta: float = 0
 
 
 def guided_eps(unet, x_t: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tensor, w: float):
-    """Classifier-free guidance: eps_hat = eps_u + w (eps_c - eps_u), one batched UNet call."""
+    """Classifier-free guidance: eps_hat = eps_u + w (eps_c - eps_u), one batched UNet call.
+    At w = 1 that is eps_c alone, so the unconditional half is not computed."""
+    if w == 1:
+        return unet(x_t, t, encoder_hidden_states=cond).sample
     t = torch.cat([t, t]) if torch.is_tensor(t) and t.ndim == 1 else t
     eps_u, eps_c = unet(torch.cat([x_t, x_t]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
     return eps_u + w * (eps_c - eps_u)
