@@ -479,14 +479,17 @@ def ddim_step(scheduler, eps: torch.Tensor, t, x_t: torch.Tensor, eta: float = 0
     return prev_sample, log_prob.mean(dim=tuple(range(1, x_t.ndim))), mean, sigma
 
 
-def guided_eps(unet, x_t: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tensor, w: float):
+def guided_eps(unet, x_t: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tensor, w: float,
+               with_uncond: bool = False):
     """Classifier-free guidance: eps_hat = eps_u + w (eps_c - eps_u), one batched UNet call.
-    At w = 1 that is eps_c alone, so the unconditional half is not computed."""
-    if w == 1:
+    At w = 1 that is eps_c alone, so the unconditional half is not computed, unless
+    `with_uncond` asks for it: then (eps_hat, eps_u) is returned."""
+    if w == 1 and not with_uncond:
         return unet(x_t, t, encoder_hidden_states=cond).sample
     t = torch.cat([t, t]) if torch.is_tensor(t) and t.ndim == 1 else t
     eps_u, eps_c = unet(torch.cat([x_t, x_t]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
-    return eps_u + w * (eps_c - eps_u)
+    eps_hat = eps_u + w * (eps_c - eps_u)
+    return (eps_hat, eps_u) if with_uncond else eps_hat
 
 
 @dataclass
