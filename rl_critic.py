@@ -97,8 +97,9 @@ SD_DEFAULTS = dict(iterations=100, samples_per_iteration=64, sample_steps=50, gu
 # gave UA 3% at guidance 5 and 39% at guidance 1. A step large enough to forget also damages the
 # shapes the text encoder barely tells from the concept (clip 1e-3: UA 97%, in-domain retain 48%);
 # the KL on the retain prompts' steps and the unconditional branch holds them while lr 1e-3
-# forgets; its weight is the trade-off (circle, 80 iterations: beta_kl 0.3 and 0.5 gave UA 88% and
-# 84%, retain 83% and 89%; docs/cgru_search.md). 10 DDIM steps keep 90 iterations in budget.
+# forgets; its weight is the trade-off (circle: beta_kl 0.3 for 60 iterations gave UA 88% with
+# retain 73%, 0.5 for 80 gave 84% with 89%; docs/cgru_search.md). 10 DDIM steps keep 90
+# iterations in budget.
 TOY_DEFAULTS = dict(iterations=90, samples_per_iteration=32, sample_steps=10, guidance_scale=1.0,
                     lr=1e-3, minibatch=64, clip_range=1e-4, train_steps=0.5, kl_weight=0.5)
 
