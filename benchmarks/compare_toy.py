@@ -78,7 +78,8 @@ def main():
     concepts = ["circle", "striped"] if args.quick else args.concepts
     outputs = ROOT / args.outputs
     outputs.mkdir(parents=True, exist_ok=True)
-    results = {}
+    results, started = {}, time.time()
+    reused = {(m, c) for m in args.methods for c in concepts if (outputs / f"{m}-{c}" / "metrics.json").exists()}
     for method in args.methods:
         print(f"{method}:")
         for c in concepts:
@@ -118,7 +119,9 @@ def main():
     for method, a in averages.items():
         lines.append(f"| {method} | " + " | ".join(fmt(k, a[k]) for k, _ in COLS) + f" | {a['meets']} |")
     total = sum(m.get("wall_time_s", 0) for m in results.values() if m)
-    lines += ["", f"Sum of the runs' wall times: {total / 60:.1f} min ({sum(1 for m in results.values() if m)} runs)."]
+    made = sum(1 for k, m in results.items() if m and k not in reused)
+    lines += ["", f"Sum of the runs' wall times: {total / 60:.1f} min ({sum(1 for m in results.values() if m)} runs). "
+                  f"This invocation made {made} of them and reused {len(reused)}, in {(time.time() - started) / 60:.1f} min."]
     figure_concepts = [c for c in ("circle", "striped") if all(results.get((m, c)) for m in args.methods)]
     if figure_concepts:
         # eval.py --compare's grid, one block of rows per concept (object, then style)

@@ -75,7 +75,7 @@ def test_kl_holds_the_retain_prompts_and_the_unconditional_branch_but_not_the_fo
         for p in params:
             p.add_(1e-2 * torch.randn(p.shape, generator=g))
     args = common.parse_args(rl_critic.Args, ["--model", "toy", "--concept", "circle", "--kl-weight", "100",
-                                              "--minibatch", "8", "--train-steps", "1"])
+                                              "--kl-uncond", "--minibatch", "8", "--train-steps", "1"])
     common.fill_defaults(args, rl_critic.TOY_DEFAULTS)
     s = common.sample(models, ["a circle", "a red square"], [1, 2], steps=4, guidance_scale=args.guidance_scale,
                       eta=1.0, trajectory=True, decode=False)
