@@ -322,7 +322,7 @@ def policy_update(args: Args, models: common.Models, unet_ref, params, opt, roll
                 # Measured on the toy, it also slowed forgetting more than it saved retain: off by default.
                 kl_uncond = ((mu(eps_u) - mu(eps_u_ref)) ** 2 / (2 * sigma ** 2)).mean() if both else 0.0
                 loss = loss + args.kl_weight * (kl + kl_uncond)
-                stats.update(kl=kl.item(), **({"kl_uncond": float(kl_uncond)} if both else {}))
+                stats.update(kl=kl.item(), **({"kl_uncond": kl_uncond.item()} if both else {}))
             common.check_finite(n_updates, loss=loss)
             n_updates += 1
             opt.zero_grad(set_to_none=True)
