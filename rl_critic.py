@@ -19,7 +19,10 @@ trajectories are reused off-policy. Everything more specific is reconstructed fr
            Monte-Carlo regression on terminal rewards, warm-up on base rollouts, then refit
            each iteration from a replay buffer of recent trajectories.
   update   GAE with gamma = 1 on the critic's per-step values, PPO clipped objective, optional
-           per-step KL to the frozen reference.
+           per-step KL to the frozen reference, held on the retain prompts' steps.
+  toy      reconstructed from our measurements: the policy explores at guidance 1 while training
+           and the KL is on (see TOY_DEFAULTS), else the toy base policy almost never samples
+           anything but the concept and there is nothing to learn from.
 
     python rl_critic.py --model toy --concept circle      # CPU, offline, a few minutes
     python rl_critic.py --concept church                   # Stable Diffusion v1.4, GPU

@@ -171,17 +171,31 @@ def test_two_iterations_on_a_tiny_sd_pipeline_save_a_unet_that_reloads(tiny_sd, 
     assert changed and all(".attn2." in n for n in changed)
 
 
-@pytest.mark.xfail(reason="open (issue 7): measured 2026-11-23 with the defaults: UA 3.1%, in-domain retain "
-                          "93.8% vs base 95.3%, critic MSE 0.93 vs reward variance 0.87, 229 s; no setting of the "
-                          "search in docs/cgru_search.md meets the bar", strict=False)
-def test_cgru_forgets_circle_on_the_toy_and_its_critic_explains_the_reward(tmp_path):
-    out = tmp_path / "rl_critic-circle"
-    r = run_script("rl_critic.py", "--model", "toy", "--concept", "circle",
-                        "--output-dir", str(out), timeout=1200)
+def _cgru_toy_run(tmp_path, concept):
+    out = tmp_path / f"rl_critic-{concept}"
+    r = run_script("rl_critic.py", "--model", "toy", "--concept", concept, "--output-dir", str(out), timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
     run = json.loads((out / "run.json").read_text())
     print(json.dumps(m, indent=1), run["critic_mse"], run["reward_var"])
+    return m, run
+
+
+def test_cgru_forgets_triangle_on_the_toy_keeps_the_other_shapes_and_its_critic_explains_the_reward(tmp_path):
+    # measured 2026-11-25 (2 cores, docs/results.md): UA 100%, in-domain retain 92.2% (base 95.3%),
+    # critic MSE 2.7 vs reward variance 31, 182 s. CGRU meets its bar on 5 of the 10 toy concepts;
+    # circle is the next test.
+    m, run = _cgru_toy_run(tmp_path, "triangle")
+    assert run["critic_mse"] < run["reward_var"]
+    assert m["unlearned"]["ua"] >= 0.90
+    assert m["unlearned"]["retain_in"] >= m["base"]["retain_in"] - 0.15
+
+
+@pytest.mark.xfail(reason="open (issue 7): measured 2026-11-25 with the defaults: UA 93.8%, in-domain retain "
+                          "78.1% vs base 95.3% (the bar is 80.3%: square falls to 46%, diamond to 62%), critic MSE "
+                          "2.31 vs reward variance 2.84, 204 s (docs/results.md)", strict=False)
+def test_cgru_forgets_circle_on_the_toy_and_its_critic_explains_the_reward(tmp_path):
+    m, run = _cgru_toy_run(tmp_path, "circle")
     assert run["critic_mse"] < run["reward_var"]
     assert m["unlearned"]["ua"] >= 0.90
     assert m["unlearned"]["retain_in"] >= m["base"]["retain_in"] - 0.15
