@@ -101,8 +101,7 @@ SD_DEFAULTS = dict(iterations=100, samples_per_iteration=64, sample_steps=50, gu
 # guidance 1 in 14% and 4% (benchmarks/cgru_exploration.py). On circle, 30 iterations at lr 3e-4
 # gave UA 3% at guidance 5 and 39% at guidance 1. A step large enough to forget also damages the
 # shapes the text encoder barely tells from the concept (clip 1e-3: UA 97%, in-domain retain 48%);
-# the KL on the retain prompts' steps and the unconditional branch holds them while lr 1e-3
-# forgets; its weight is the trade-off (circle, 60 iterations: beta_kl 0.3 gave UA 91% / retain 88%
+# the KL on the retain prompts' steps holds them while lr 1e-3 forgets; its weight is the trade-off (circle, 60 iterations: beta_kl 0.3 gave UA 91% / retain 88%
 # and 94% / 78% in two runs; 1 gave 36% / 91%; docs/cgru_search.md). 10 DDIM steps keep it in budget.
 TOY_DEFAULTS = dict(iterations=60, samples_per_iteration=32, sample_steps=10, guidance_scale=1.0,
                     lr=1e-3, minibatch=64, clip_range=1e-4, train_steps=0.5, kl_weight=0.3)
@@ -292,13 +291,13 @@ def policy_update(args: Args, models: common.Models, unet_ref, params, opt, roll
     cond = common.encode_prompts(models, roll["prompts"])
     uncond = common.encode_prompts(models, [""] * n)
     stats, n_updates = {}, 0
+    hold, both = args.kl_weight > 0, args.kl_weight > 0 and args.kl_uncond  # which KL terms are on
     for _ in range(args.ppo_epochs):
         for mb in pairs[torch.randperm(len(pairs), generator=generator)].split(args.minibatch):
             i, k = mb[:, 0], mb[:, 1]
             x_t = roll["x_t"][i, k].to(models.device)
             x_prev = roll["x_prev"][i, k].to(models.device)
             t = roll["timesteps"][k].to(models.device)
-            hold, both = args.kl_weight > 0, args.kl_weight > 0 and args.kl_uncond
             with common.autocast(models.device, models.dtype):
                 eps = common.guided_eps(unet, x_t, t, cond[i], uncond[i], args.guidance_scale, with_uncond=both)
             eps, eps_u = (eps[0].float(), eps[1].float()) if both else (eps.float(), None)
