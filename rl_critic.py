@@ -69,8 +69,9 @@ class Args:
                                         "on every step (see docs/cgru_search.md)")
     train_steps: float = common.arg(None, "PPO trains on this share of each trajectory's steps, noisiest "
                                           "first (1: all)")
-    reward: str = common.arg("clip", "terminal reward: CLIP similarity, or the judge (then UA is optimised)",
-                             choices=["clip", "classifier"])
+    reward: str = common.arg("clip", "terminal reward: CLIP similarity; CLIP zero-shot 1 - p(concept); their sum; "
+                                     "or the judge (then UA is optimised)",
+                             choices=["clip", "clip-zero-shot", "clip-hybrid", "classifier"])
     critic_input: str = common.arg("x_t", "what the critic sees: the noisy state, or the predicted x0_hat "
                                           "(ablation)", choices=["x_t", "x0_hat"])
     timestep: bool = common.arg(True, "FiLM timestep conditioning of the critic (--no-timestep: ablation)")
@@ -167,8 +168,20 @@ def rewards(args: Args, roll: dict, ps: common.PromptSet, clip, judge) -> torch.
     img = F.normalize(clip.image_features(images), dim=-1)
     own = F.normalize(roll["text"], dim=-1)
     concept = F.normalize(clip.text_features([ps.forget[0]]), dim=-1)
-    # forget: r = -cos(image, concept text); retain: r = cos(image, own prompt)
-    return torch.where(f, -(img @ concept.T).squeeze(-1), (img * own).sum(-1))
+    # retain (every CLIP reward): r = cos(image, own prompt)
+    # forget, clip (default): r = -cos(image, concept text)
+    forget = -(img @ concept.T).squeeze(-1)
+    if args.reward in ("clip-zero-shot", "clip-hybrid"):
+        # reconstructed (the spec's other form, "1 - p(concept | x_0) from a reward model"):
+        # p from CLIP zero-shot over the concept and its in-domain alternatives,
+        # p = softmax(logit_scale * cos(image, [concept, alternatives]))[0].
+        # Why offer it: on dotted the default policy learns blank canvases, which lower the cosine
+        # but which the judge and CLIP zero-shot still call dotted (p 0.67 for a blank, 0.003 for
+        # another texture). Measured on the toy, no CLIP reward wins on every concept (docs/cgru_search.md).
+        texts = F.normalize(clip.text_features([ps.forget[0]] + [p for p, _ in ps.retain_in]), dim=-1)
+        p = (clip.model.logit_scale.exp().cpu() * img @ texts.T).softmax(-1)[:, 0]
+        forget = 1 - p if args.reward == "clip-zero-shot" else 1 - p + forget
+    return torch.where(f, forget, (img * own).sum(-1))
 
 
 def _retain_target(prompt: str, ps: common.PromptSet) -> tuple[str, str]:

@@ -159,6 +159,38 @@ def test_classifier_reward_scores_every_retain_prompt_by_the_value_it_names(toy_
     assert r[:2].max() < 0.2 and r[2:].min() > 0.8, r
 
 
+def test_zero_shot_reward_is_one_minus_clips_probability_and_does_not_pay_for_a_blank_dotted_canvas(toy_models):
+    ps = common.concept_prompts("dotted", toy_models)
+    clip = rl_critic.evaluation.load_clip(toy_models)
+    prompts = ps.forget[:8]
+    dotted = common.sample(toy_models, prompts, list(range(8))).images
+    others = common.sample(toy_models, common.cycle([p for p, _ in ps.retain_in], 8), list(range(8))).images
+    blank = torch.full_like(dotted, 0.85)  # the light background alone
+
+    def r(images, reward, forget=True):
+        roll = rl_critic.with_text(dict(prompts=prompts, images=images, is_forget=torch.full((8,), forget)), clip)
+        return rl_critic.rewards(common.parse_args(rl_critic.Args, ["--concept", "dotted", "--reward", reward]),
+                                 roll, ps, clip, None)
+
+    # the formula, recomputed here: p = softmax(logit_scale * cos(image, [concept, alternatives]))[0]
+    img = torch.nn.functional.normalize(clip.image_features(others), dim=-1)
+    texts = torch.nn.functional.normalize(clip.text_features([ps.forget[0]] + [p for p, _ in ps.retain_in]), dim=-1)
+    p = (clip.model.logit_scale.exp().item() * img @ texts.T).softmax(-1)[:, 0]
+    cos_concept = img @ texts[0]
+    assert torch.allclose(r(others, "clip-zero-shot"), 1 - p, atol=1e-5)
+    assert torch.allclose(r(others, "clip"), -cos_concept, atol=1e-5)
+    assert torch.allclose(r(others, "clip-hybrid"), 1 - p - cos_concept, atol=1e-5)
+    own = torch.nn.functional.normalize(clip.text_features(prompts), dim=-1)
+    for reward in ("clip", "clip-zero-shot", "clip-hybrid"):  # retain prompts: cos(image, own prompt)
+        assert torch.allclose(r(others, reward, forget=False), (img * own).sum(-1), atol=1e-5)
+    # measured 2026-11-25: the cosine pays a blank canvas more than a dotted image (-0.43 vs -0.55),
+    # which is the road the default policy takes on dotted; zero-shot pays another texture far more
+    # than a blank (0.997 vs 0.33), the cosine much less so (-0.18 vs -0.43)
+    assert r(blank, "clip").mean() > r(dotted, "clip").mean()
+    assert r(others, "clip-zero-shot").mean() - r(blank, "clip-zero-shot").mean() > 0.5
+    assert r(others, "clip").mean() - r(blank, "clip").mean() < 0.5
+
+
 def test_two_iterations_on_a_tiny_sd_pipeline_save_a_unet_that_reloads(tiny_sd, tmp_path):
     out = tmp_path / "run"
     r = run_script("rl_critic.py", "--model", str(tiny_sd), "--concept", "church",
