@@ -102,8 +102,9 @@ SD_DEFAULTS = dict(iterations=100, samples_per_iteration=64, sample_steps=50, gu
 # guidance 1 in 14% and 4% (benchmarks/cgru_exploration.py). On circle, 30 iterations at lr 3e-4
 # gave UA 3% at guidance 5 and 39% at guidance 1. A step large enough to forget also damages the
 # shapes the text encoder barely tells from the concept (clip 1e-3: UA 97%, in-domain retain 48%);
-# the KL on the retain prompts' steps holds them while lr 1e-3 forgets; its weight is the trade-off (circle, 60 iterations: beta_kl 0.3 gave UA 91% / retain 88%
-# and 94% / 78% in two runs; 1 gave 36% / 91%; docs/cgru_search.md). 10 DDIM steps keep it in budget.
+# the KL on the retain prompts' steps holds them while lr 1e-3 forgets; its weight is the
+# trade-off (circle, 60 iterations: beta_kl 0.3 gave UA 91% / retain 88% and 94% / 78% in two
+# runs; 1 gave 36% / 91%; docs/cgru_search.md). 10 DDIM steps keep it in budget.
 TOY_DEFAULTS = dict(iterations=60, samples_per_iteration=32, sample_steps=10, guidance_scale=1.0,
                     lr=1e-3, minibatch=64, clip_range=1e-4, train_steps=0.5, kl_weight=0.3)
 
@@ -167,18 +168,20 @@ def rewards(args: Args, roll: dict, ps: common.PromptSet, clip, judge) -> torch.
         return torch.where(f, 1 - p, p)
     img = F.normalize(clip.image_features(images), dim=-1)
     own = F.normalize(roll["text"], dim=-1)
-    concept = F.normalize(clip.text_features([ps.forget[0]]), dim=-1)
+    zero_shot = args.reward in ("clip-zero-shot", "clip-hybrid")
+    # the concept's text first, then (zero-shot only) its in-domain alternatives, encoded together
+    texts = F.normalize(clip.text_features([ps.forget[0]] + ([p for p, _ in ps.retain_in] if zero_shot else [])),
+                        dim=-1)
     # retain (every CLIP reward): r = cos(image, own prompt)
     # forget, clip (default): r = -cos(image, concept text)
-    forget = -(img @ concept.T).squeeze(-1)
-    if args.reward in ("clip-zero-shot", "clip-hybrid"):
+    forget = -(img @ texts[0])
+    if zero_shot:
         # reconstructed (the spec's other form, "1 - p(concept | x_0) from a reward model"):
         # p from CLIP zero-shot over the concept and its in-domain alternatives,
         # p = softmax(logit_scale * cos(image, [concept, alternatives]))[0].
         # Why offer it: on dotted the default policy learns blank canvases, which lower the cosine
         # but which the judge and CLIP zero-shot still call dotted (p 0.67 for a blank, 0.003 for
         # another texture). Measured on the toy, no CLIP reward wins on every concept (docs/cgru_search.md).
-        texts = F.normalize(clip.text_features([ps.forget[0]] + [p for p, _ in ps.retain_in]), dim=-1)
         p = (clip.model.logit_scale.exp().cpu() * img @ texts.T).softmax(-1)[:, 0]
         forget = 1 - p if args.reward == "clip-zero-shot" else 1 - p + forget
     return torch.where(f, forget, (img * own).sum(-1))

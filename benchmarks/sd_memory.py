@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import resource
 import sys
 import time
 import weakref
@@ -69,7 +68,7 @@ def build(out: Path) -> None:
     from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig,
                               CLIPTextModel)
 
-    from toy.build import build_tokenizer
+    from toy.build import SCHEDULER, build_tokenizer
 
     torch.manual_seed(0)
     # The real CLIP BPE vocabulary cannot be downloaded: the toy tokenizer (a standard
@@ -93,9 +92,7 @@ def build(out: Path) -> None:
                         down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4,
                         block_out_channels=(128, 256, 512, 512), layers_per_block=2)
-    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                              beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
+    scheduler = DDIMScheduler(**SCHEDULER)  # SD v1's noise schedule, as the toy uses
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -258,15 +255,13 @@ def run(method: str, argv: list[str], sample_steps: int | None, adam_foreach: bo
     result = {
         "method": method, "argv": argv, "sample_steps_patch": sample_steps, "adam_foreach": adam_foreach,
         "peak_tensor_gib": round(tracker.peak / GIB, 3), "peak_phase": tracker.peak_phase,
-        "max_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 3),
+        "max_rss_gib": round(common.peak_memory_mb(torch.device("cpu")) / 1024, 3),
         "wall_s": round(time.time() - started, 1),
         # per phase: its calls' (live memory at entry, peak inside[, size]) in GiB, at most 6 shown
         "phases": {k: [{**c, "start": round(c["start"] / GIB, 3), "peak": round(c["peak"] / GIB, 3)}
                        for c in calls[:3] + calls[3:][-3:]] for k, calls in tracker.phase_stats.items()},
     }
-    print(json.dumps(result, indent=1))
-    if json_path:
-        Path(json_path).write_text(json.dumps(result, indent=1))
+    _report(result, json_path)
 
 
 def probe(model: str, train: str, n: int, mixed_precision: str, checkpointing: bool, json_path: str | None):
@@ -309,8 +304,12 @@ def probe(model: str, train: str, n: int, mixed_precision: str, checkpointing: b
               "saved_by_forward_gib": round((after_forward - before) / GIB, 3),
               "peak_above_before_gib": round((tracker.peak - before) / GIB, 3),
               "left_after_gib": round((tracker.live - before) / GIB, 3),
-              "max_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 3),
+              "max_rss_gib": round(common.peak_memory_mb(torch.device("cpu")) / 1024, 3),
               "wall_s": round(time.time() - started, 1)}
+    _report(result, json_path)
+
+
+def _report(result: dict, json_path: str | None) -> None:
     print(json.dumps(result, indent=1))
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=1))

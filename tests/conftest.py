@@ -21,7 +21,7 @@ def make_tiny_sd(folder: Path) -> Path:
                            UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from toy.build import build_tokenizer
+    from toy.build import SCHEDULER, build_tokenizer
 
     torch.manual_seed(0)
     tokenizer = build_tokenizer(folder / "tok-src")
@@ -40,9 +40,7 @@ def make_tiny_sd(folder: Path) -> Path:
                         down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2,
                         block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=16)
-    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                              beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
+    scheduler = DDIMScheduler(**SCHEDULER)  # SD v1's noise schedule, as the toy uses
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
