@@ -1,4 +1,4 @@
-"""Shared machinery for the four unlearning methods, and nothing more.
+"""Shared machinery for the unlearning methods, and nothing more.
 
 What every method file needs: arguments from a dataclass, seeding and device setup, loading a
 Stable Diffusion model (hub id, local folder, or the offline toy world) through one code path,
@@ -19,7 +19,9 @@ import math
 import os
 import platform
 import random
+import re
 import shutil
+import signal
 import sys
 import time
 import types
@@ -44,11 +46,13 @@ class UsageError(Exception):
 # Arguments: one dataclass per method -> argparse, with --help for free
 # ---------------------------------------------------------------------------------------------
 
-def arg(default, help: str, **kwargs):
-    """A dataclass field with a help string (and optional argparse `choices`)."""
+def arg(default, help: str, check: str | None = None, **kwargs):
+    """A dataclass field with a help string, an optional range `check` for numbers (see
+    `check_ranges`: ">=1", ">0", ">=0", "(0,1)", "(0,1]", "[0,1]", ...) and optional argparse `choices`."""
+    meta = {"help": help, **kwargs, **({"check": check} if check else {})}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kwargs})
-    return field(default=default, metadata={"help": help, **kwargs})
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 def parse_args(cls, argv: list[str] | None = None):
@@ -87,8 +91,44 @@ def fill_defaults(args, defaults: dict) -> None:
             setattr(args, key, value)
 
 
+def _in_range(value: float, check: str) -> tuple[bool, str]:
+    """Whether `value` satisfies `check` (">=1", ">0", "(0,1]", ...) and the range in words."""
+    m = re.fullmatch(r"(>=|>)(-?[\d.e+-]+)", check)
+    if m:
+        op, bound = m.group(1), float(m.group(2))
+        words = f"at least {m.group(2)}" if op == ">=" else f"greater than {m.group(2)}"
+        return (value >= bound if op == ">=" else value > bound), words
+    m = re.fullmatch(r"([\[(])(-?[\d.e+-]+),(-?[\d.e+-]+)([\])])", check)
+    if not m:
+        raise ValueError(f"unknown range check {check!r}")
+    lo, hi = float(m.group(2)), float(m.group(3))
+    ok = (value >= lo if m.group(1) == "[" else value > lo) and (value <= hi if m.group(4) == "]" else value < hi)
+    return ok, f"in {m.group(1)}{m.group(2)}, {m.group(3)}{m.group(4)}"
+
+
+def check_ranges(args) -> None:
+    """Every number of `args` finite, and within the range its field declares (`arg(check=...)`),
+    or a one-sentence UsageError naming the flag."""
+    for f in dataclasses.fields(args):
+        value = getattr(args, f.name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if not math.isfinite(value):
+            raise UsageError(f"{flag} must be a finite number, got {value}.")
+        if "check" in f.metadata:
+            ok, words = _in_range(value, f.metadata["check"])
+            if not ok:
+                raise UsageError(f"{flag} must be {words}, got {value}.")
+
+
 def cli(main) -> None:
-    """Run `main()`, turning a UsageError into one clear line on stderr and exit code 2."""
+    """Run `main()`, turning a UsageError into one clear line on stderr and exit code 2. Ctrl-C
+    and SIGTERM (a timeout, a cluster's preemption) stop the run the same way: the temporary
+    output folder is removed and nothing is saved."""
+    def terminated(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, terminated)
     try:
         main()
     except UsageError as e:
@@ -96,7 +136,11 @@ def cli(main) -> None:
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted: nothing was saved.", file=sys.stderr)
-        sys.exit(130)
+        sys.stderr.flush()
+        sys.stdout.flush()
+        # the output folder is already cleaned up; exit at once rather than wait for worker
+        # threads (a model loader's, say) that the interruption left waiting
+        os._exit(130)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,7 +153,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def setup(seed: int, device: str = "auto", mixed_precision: str = "no") -> tuple[torch.device, torch.dtype]:
+def seed_and_device(seed: int, device: str = "auto", mixed_precision: str = "no") -> tuple[torch.device, torch.dtype]:
     """Seed everything and return (device, dtype for autocast and frozen weights)."""
     seed_everything(seed)
     if device == "auto":
@@ -233,23 +277,10 @@ def load_unet(path: str | Path, device: torch.device | str = "cpu"):
 
 
 def frozen_copy(unet: torch.nn.Module) -> torch.nn.Module:
-    """A frozen float32 reference copy of a UNet (eps_ref in the methods' notation)."""
+    """The reference: a frozen float32 copy of the UNet before training (eps_ref in the methods'
+    notation), in eval mode, with no gradients."""
     import copy
     return copy.deepcopy(unet).eval().requires_grad_(False)
-
-
-def setup_run(args, train: str):
-    """The Setup every method shares: seed/device/precision, models, prompt sets, the frozen
-    reference UNet and the trainable parameters. Returns (models, ps, unet_ref, params)."""
-    device, dtype = setup(args.seed, args.device, args.mixed_precision)
-    models = load_models(args.model, device, dtype)
-    ps = concept_prompts(args.concept, models, read_prompt_list(args.forget_prompts),
-                         read_prompt_list(args.retain_prompts))
-    unet_ref = frozen_copy(models.unet)
-    params = select_trainable(models.unet, train)
-    if args.gradient_checkpointing:
-        models.unet.enable_gradient_checkpointing()
-    return models, ps, unet_ref, params
 
 
 # ---------------------------------------------------------------------------------------------
@@ -565,7 +596,7 @@ def encode_images(models: Models, images: torch.Tensor) -> torch.Tensor:
 
 
 def forget_set(models: Models, ps: PromptSet, n: int, seed: int, image_folder: str | None = None):
-    """The forget set: n latents x_0 drawn by the starting model from the forget prompts with fixed
+    """The forget set: n latents x_0 drawn by the reference model from the forget prompts with fixed
     seeds, or the images of `image_folder` encoded by the VAE. Returns (x_0, prompts, embeddings)."""
     if image_folder:
         x0 = encode_images(models, load_image_folder(image_folder, models.vae.config.sample_size))
@@ -579,6 +610,8 @@ def forget_set(models: Models, ps: PromptSet, n: int, seed: int, image_folder: s
 def load_image_folder(folder: str, size: int) -> torch.Tensor:
     """A folder of images -> (n, 3, size, size) in [-1, 1] (for user-supplied real forget images)."""
     from PIL import Image
+    if not Path(folder).is_dir():
+        raise UsageError(f"--forget-images {folder} is not a folder; give a folder of .png/.jpg/.webp images.")
     paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
     if not paths:
         raise UsageError(f"no .png/.jpg/.webp images found in {folder}.")
@@ -626,6 +659,16 @@ def select_trainable(unet: torch.nn.Module, which: str, verbose: bool = True) ->
     return params
 
 
+def progress(n: int, desc: str):
+    """The progress bar of every training loop: `desc`, the step count, the loss terms (`show`)."""
+    return tqdm(range(n), desc=desc, dynamic_ncols=True)
+
+
+def show(bar, terms: dict) -> None:
+    """Write the current loss terms into the progress bar, all in one format."""
+    bar.set_postfix({k: f"{float(v):.4g}" for k, v in terms.items()}, refresh=False)
+
+
 def check_finite(step: int, **losses: torch.Tensor) -> None:
     """Stop the run (saving nothing) as soon as a loss is NaN or infinite."""
     for name, value in losses.items():
@@ -658,9 +701,9 @@ def output_folder(path: str | Path, overwrite: bool = False):
         raise UsageError(f"the output folder {path} already exists and is not empty; pass --overwrite "
                          "to replace it or choose another --output-dir.")
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -685,7 +728,8 @@ def versions() -> dict:
 
 
 def save_run(folder: Path, unet: torch.nn.Module, args, models: Models, started: float, **extra) -> dict:
-    """unet/ (diffusers format, safetensors) and run.json (arguments, model, versions, time, memory)."""
+    """unet/ (diffusers format, safetensors) and run.json (every field of the `args` dataclass as
+    given, the model, versions, time, memory, and `extra`)."""
     unet.save_pretrained(folder / "unet", safe_serialization=True)
     run = {"args": dataclasses.asdict(args), "base_model": models.name, "base_model_path": models.path,
            "versions": versions(), "device": str(models.device),

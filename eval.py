@@ -39,6 +39,20 @@ IMAGENET_INDEX = {"tench": 0, "English springer": 217, "cassette player": 482, "
                   "golf ball": 574, "parachute": 701}
 
 
+# What "meets the bar" means on the toy: UA at least BAR_UA and in-domain retain at most
+# BAR_RETAIN_DROP[method] below the base model's (each method's own claim sets its bar; MiM-MU
+# claims no compensation is needed, so its bar is the strictest). The tests, the benchmark and the
+# README all use this one table.
+BAR_UA = 0.90
+BAR_RETAIN_DROP = {"pure": 0.10, "mim_mu": 0.05, "vdu": 0.10, "rl_critic": 0.15}
+
+
+def meets_bar(method: str, metrics: dict) -> bool:
+    """Whether one run's metrics.json meets `method`'s bar (see BAR_UA, BAR_RETAIN_DROP)."""
+    new, base = metrics["unlearned"], metrics["base"]
+    return new["ua"] >= BAR_UA and new["retain_in"] >= base["retain_in"] - BAR_RETAIN_DROP[method] - 1e-9
+
+
 # ---------------------------------------------------------------------------------------------
 # Judges and CLIP
 # ---------------------------------------------------------------------------------------------
@@ -199,7 +213,8 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2) of two feature sets."""
     a, b = a.double(), b.double()
     mu_a, mu_b = a.mean(0), b.mean(0)
-    s_a, s_b = torch.cov(a.T), torch.cov(b.T)
+    d = a.shape[1]
+    s_a, s_b = torch.cov(a.T).reshape(d, d), torch.cov(b.T).reshape(d, d)  # (d, d), also for d = 1
 
     def sqrtm(m):  # symmetric PSD square root via eigh
         vals, vecs = torch.linalg.eigh((m + m.T) / 2)
@@ -292,7 +307,8 @@ def before_after(base_images: dict, new_images: dict, es: EvalSet, path: Path, p
 
 def report(models: common.Models, ps: common.PromptSet, unet=None, base_unet=None, n: int = 64,
            seed: int = 0, grid_path: Path | None = None) -> dict:
-    """The metrics.json of DESIGN.md: `base_unet` (default: the model's own) vs `unet` (if given)."""
+    """metrics.json: the base model (`base_unet`, default: the model's own UNet) and, if given,
+    `unet`, on the same prompts and seeds."""
     t0 = time.time()
     clip = load_clip(models)
     judge = Judge(models, clip)
@@ -316,16 +332,17 @@ def report(models: common.Models, ps: common.PromptSet, unet=None, base_unet=Non
     return out
 
 
-def save_and_report(folder: Path, models: common.Models, ps: common.PromptSet, unet, base_unet, args,
-                    started: float, n: int = 64, **extra) -> dict:
-    """The end of every method: evaluate base vs unlearned (same prompts and seeds), write
-    before_after.png, metrics.json, unet/ and run.json into `folder`, print the table."""
+def save_and_report(folder: Path, models: common.Models, ps: common.PromptSet, unet, unet_ref, args,
+                    started: float, n: int, seed: int, **extra) -> dict:
+    """The end of every method: evaluate the reference vs the unlearned UNet (same prompts and
+    seeds: n images per group, evaluation seed `seed`), write before_after.png, metrics.json,
+    unet/ and run.json (`args` recorded as given, plus `extra`) into `folder`, print the table."""
     unet.eval()
     if n == 0:  # evaluation switched off (e.g. SD judges not available offline)
         common.save_run(folder, unet, args, models, started, **extra)
         print("evaluation skipped (--n-eval-images 0)")
         return {}
-    metrics = report(models, ps, unet, base_unet, n, args.seed, folder / "before_after.png")
+    metrics = report(models, ps, unet, unet_ref, n, seed, folder / "before_after.png")
     metrics["wall_time_s"] = round(time.time() - started, 1)
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=1))
     common.save_run(folder, unet, args, models, started, **extra)
@@ -381,7 +398,7 @@ def compare_images(runs: list[Path], n_seeds: int = 2):
     Returns (images (rows, cols, 3, H, W), row labels, column labels)."""
     infos = _finished_runs(runs)
     run_json = infos[0][2]
-    device, dtype = common.setup(0, "auto", "no")
+    device, dtype = common.seed_and_device(0, "auto", "no")
     models = common.load_models(run_json["base_model"], device, dtype)
     ps = common.concept_prompts(infos[0][1]["concept"], models,
                                 common.read_prompt_list(run_json["args"].get("forget_prompts")),
@@ -437,7 +454,7 @@ def main():
         print(compare([Path(r) for r in args.compare], Path(args.compare_grid)))
         print(f"grid: {args.compare_grid}")
         return
-    device, dtype = common.setup(args.seed, args.device, args.mixed_precision)
+    device, dtype = common.seed_and_device(args.seed, args.device, args.mixed_precision)
     if args.run:
         run_dir = Path(args.run)
         if not (run_dir / "run.json").exists():

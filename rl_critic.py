@@ -16,13 +16,16 @@ trajectories are reused off-policy. Everything more specific is reconstructed fr
            The judge classifier is kept for evaluation, so UA is not what was optimised.
   critic   V_phi(x_t, t, c): decode x_t with the frozen VAE -> CLIP image tower -> FiLM on t
            (h' = (1 + g(t)) h + b(t)) -> concat with the prompt's CLIP text embedding -> MLP.
-           Monte-Carlo regression on terminal rewards, warm-up on base rollouts, then refit
-           each iteration from a replay buffer of recent trajectories.
+           Monte-Carlo regression on terminal rewards, warm-up on the reference's rollouts, then
+           refit each iteration from a replay buffer of recent trajectories.
   update   GAE with gamma = 1 on the critic's per-step values, PPO clipped objective, optional
            per-step KL to the frozen reference, held on the retain prompts' steps.
   toy      reconstructed from our measurements: the policy explores at guidance 1 while training
-           and the KL is on (see TOY_DEFAULTS), else the toy base policy almost never samples
-           anything but the concept and there is nothing to learn from.
+           and the KL is on (see TOY_DEFAULTS), else the toy's reference policy almost never
+           samples anything but the concept and there is nothing to learn from.
+The policy trains cross-attention matrices, not LoRA adapters (peft is not a dependency); the SD
+defaults are DDPO's and have not been run on Stable Diffusion here. The derivation, what is
+reconstructed, and the evidence behind the defaults: docs/methods/rl_critic.md.
 
     python rl_critic.py --model toy --concept circle      # CPU, offline, a few minutes
     python rl_critic.py --concept church                   # Stable Diffusion v1.4, GPU
@@ -37,7 +40,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 import common
 import eval as evaluation
@@ -52,23 +54,23 @@ class Args:
     model: str = common.arg(common.DEFAULT_MODEL, "'toy', a hub id or a local diffusers folder")
     train: str = common.arg("xattn", "policy parameters (LoRA is not used: peft is not a dependency)",
                             choices=["xattn", "noxattn", "full"])
-    iterations: int = common.arg(None, "policy iterations (sample -> fit critic -> PPO)")
-    samples_per_iteration: int = common.arg(None, "trajectories per iteration (half forget, half retain)")
-    sample_steps: int = common.arg(None, "DDIM steps of a trajectory (the MDP's horizon)")
-    eta: float = common.arg(1.0, "DDIM stochasticity: the policy's noise scale (> 0)")
+    iterations: int = common.arg(None, "policy iterations (sample -> fit critic -> PPO)", ">=1")
+    samples_per_iteration: int = common.arg(None, "trajectories per iteration (half forget, half retain: at least 4)", ">=4")
+    sample_steps: int = common.arg(None, "DDIM steps of a trajectory (the MDP's horizon)", ">=1")
+    eta: float = common.arg(1.0, "DDIM stochasticity: the policy's noise scale (eta = 0 has no log-probability)", ">0")
     guidance_scale: float = common.arg(None, "classifier-free guidance of the policy while training "
-                                             "(the final report samples at the model's own)")
-    lr: float = common.arg(None, "policy Adam learning rate")
-    ppo_epochs: int = common.arg(1, "passes over each iteration's (state, action) pairs")
-    minibatch: int = common.arg(None, "(state, action) pairs per policy gradient step")
-    clip_range: float = common.arg(None, "PPO ratio clip epsilon")
-    gae_lambda: float = common.arg(0.95, "GAE lambda: 0 = per-step critic differences, 1 = r - V(s_t)")
+                                             "(the final report samples at the model's own)", ">=0")
+    lr: float = common.arg(None, "policy Adam learning rate", ">0")
+    ppo_epochs: int = common.arg(1, "passes over each iteration's (state, action) pairs", ">=1")
+    minibatch: int = common.arg(None, "(state, action) pairs per policy gradient step", ">=1")
+    clip_range: float = common.arg(None, "PPO ratio clip epsilon", ">0")
+    gae_lambda: float = common.arg(0.95, "GAE lambda: 0 = per-step critic differences, 1 = r - V(s_t)", "[0,1]")
     kl_weight: float = common.arg(None, "beta_kl: per-step KL to the frozen reference policy, on the "
-                                        "retain prompts' steps")
+                                        "retain prompts' steps", ">=0")
     kl_uncond: bool = common.arg(False, "also hold the unconditional branch at the reference in the KL, "
-                                        "on every step (see docs/cgru_search.md)")
+                                        "on every step")
     train_steps: float = common.arg(None, "PPO trains on this share of each trajectory's steps, noisiest "
-                                          "first (1: all)")
+                                          "first (1: all)", "(0,1]")
     reward: str = common.arg("clip", "terminal reward: CLIP similarity; CLIP zero-shot 1 - p(concept); their sum; "
                                      "or the judge (then UA is optimised)",
                              choices=["clip", "clip-zero-shot", "clip-hybrid", "classifier"])
@@ -77,53 +79,55 @@ class Args:
     timestep: bool = common.arg(True, "FiLM timestep conditioning of the critic (--no-timestep: ablation)")
     clip_model: str = common.arg(None, "CLIP for the reward and the critic (default: the toy CLIP on "
                                        "the toy, openai/clip-vit-base-patch32 on SD)")
-    critic_lr: float = common.arg(1e-3, "critic Adam learning rate")
-    critic_epochs: int = common.arg(20, "critic passes over the replay buffer per iteration")
-    warmup_epochs: int = common.arg(20, "critic passes over the base-policy rollouts before any update")
-    buffer_iterations: int = common.arg(4, "replay buffer: keep the states of this many recent iterations")
+    critic_lr: float = common.arg(1e-3, "critic Adam learning rate", ">0")
+    critic_epochs: int = common.arg(20, "critic passes over the replay buffer per iteration", ">=0")
+    warmup_epochs: int = common.arg(20, "critic passes over the reference policy's rollouts before any update", ">=0")
+    buffer_iterations: int = common.arg(4, "replay buffer: keep the states of this many recent iterations", ">=1")
+    grad_clip: float = common.arg(1.0, "clip the policy's gradient norm to this", ">0")
     forget_prompts: list[str] = common.arg([], "override the forget prompts (or @file.txt)")
     retain_prompts: list[str] = common.arg([], "override the retain prompts (or @file.txt)")
     gradient_checkpointing: bool = common.arg(False, "trade compute for memory in the UNet")
     mixed_precision: str = common.arg("no", "autocast dtype", choices=["no", "fp16", "bf16"])
     device: str = common.arg("auto", "auto, cpu or cuda", choices=["auto", "cpu", "cuda"])
-    seed: int = common.arg(0, "seed of sampling, training and evaluation")
-    n_eval_images: int = common.arg(64, "images per evaluation group in the final report (0: skip)")
+    seed: int = common.arg(0, "seed of sampling, training and evaluation", ">=0")
+    n_eval_images: int = common.arg(64, "images per evaluation group in the final report (0: skip)", ">=0")
     output_dir: str = common.arg(None, "where to save (default outputs/rl_critic-<concept>)")
     overwrite: bool = common.arg(False, "replace an existing output folder")
 
 
-# Where the toy and Stable Diffusion defaults differ (spec: shared/methods/rl_critic.md, "Defaults").
+# Where the toy and Stable Diffusion defaults differ. Evidence: docs/methods/rl_critic.md, "Defaults".
+# untested on SD: lr 3e-4 is DDPO's rate for rank-4 LoRA adapters, applied here to full matrices.
 SD_DEFAULTS = dict(iterations=100, samples_per_iteration=64, sample_steps=50, guidance_scale=5.0,
                    lr=3e-4, minibatch=8, clip_range=1e-4, train_steps=1.0, kl_weight=0.0,
                    clip_model="openai/clip-vit-base-patch32")
-# reconstructed (toy): the policy explores at guidance 1 while training. A policy gradient learns
-# only from what the policy samples; at the toy's guidance 5 the base model draws a non-circle for
-# a circle prompt in 2.3% of samples and a non-striped image for a striped prompt in 0%, at
-# guidance 1 in 14% and 4% (benchmarks/cgru_exploration.py). On circle, 30 iterations at lr 3e-4
-# gave UA 3% at guidance 5 and 39% at guidance 1. A step large enough to forget also damages the
-# shapes the text encoder barely tells from the concept (clip 1e-3: UA 97%, in-domain retain 48%);
-# the KL on the retain prompts' steps holds them while lr 1e-3 forgets; its weight is the
-# trade-off (circle, 60 iterations: beta_kl 0.3 gave UA 91% / retain 88% and 94% / 78% in two
-# runs; 1 gave 36% / 91%; docs/cgru_search.md). 10 DDIM steps keep it in budget.
+# reconstructed (toy): the policy explores at guidance 1 while training, the KL holds the retain
+# prompts, PPO trains the noisiest half of each trajectory (docs/methods/rl_critic.md)
 TOY_DEFAULTS = dict(iterations=60, samples_per_iteration=32, sample_steps=10, guidance_scale=1.0,
                     lr=1e-3, minibatch=64, clip_range=1e-4, train_steps=0.5, kl_weight=0.3)
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    """The command line, with the toy or the SD column filled in and every number checked."""
+    args = common.parse_args(Args, argv)
+    common.fill_defaults(args, TOY_DEFAULTS if args.model == "toy" else SD_DEFAULTS)
+    common.check_ranges(args)
+    return args
 
 
 # --- Setup ---
 
 def setup(args: Args):
-    """Seed, device, models, prompt sets, the policy parameters theta (--train), the frozen
-    reference policy, the frozen CLIP (reward and critic features) and the critic's head."""
-    if args.eta <= 0:
-        raise common.UsageError("--eta must be > 0: with eta = 0 the DDIM step is deterministic and has "
-                                "no log-probability.")
-    if not 0 < args.train_steps <= 1:
-        raise common.UsageError("--train-steps is a share of each trajectory's steps: give a number in (0, 1].")
-    if args.samples_per_iteration < 4:
-        raise common.UsageError("--samples-per-iteration must be at least 4 (two forget, two retain).")
-    models, ps, unet_ref, params = common.setup_run(args, args.train)
-    if args.guidance_scale is None:
-        args.guidance_scale = models.guidance_scale
+    """Seed and device, the models, the prompt sets, the frozen reference policy, theta: the
+    policy's UNet parameters chosen by --train (printed with their count), the frozen CLIP
+    (reward and critic features) and the critic's head V_phi."""
+    device, dtype = common.seed_and_device(args.seed, args.device, args.mixed_precision)
+    models = common.load_models(args.model, device, dtype)
+    ps = common.concept_prompts(args.concept, models, common.read_prompt_list(args.forget_prompts),
+                                common.read_prompt_list(args.retain_prompts))
+    unet_ref = common.frozen_copy(models.unet)                 # the reference policy, frozen
+    params = common.select_trainable(models.unet, args.train)  # theta: what trains
+    if args.gradient_checkpointing:
+        models.unet.enable_gradient_checkpointing()
     clip = evaluation.load_clip(models, args.clip_model)
     feat_dim = clip.model.config.projection_dim
     critic = Critic(feat_dim, feat_dim, film=args.timestep).to(models.device)
@@ -176,12 +180,9 @@ def rewards(args: Args, roll: dict, ps: common.PromptSet, clip, judge) -> torch.
     # forget, clip (default): r = -cos(image, concept text)
     forget = -(img @ texts[0])
     if zero_shot:
-        # reconstructed (the spec's other form, "1 - p(concept | x_0) from a reward model"):
-        # p from CLIP zero-shot over the concept and its in-domain alternatives,
-        # p = softmax(logit_scale * cos(image, [concept, alternatives]))[0].
-        # Why offer it: on dotted the default policy learns blank canvases, which lower the cosine
-        # but which the judge and CLIP zero-shot still call dotted (p 0.67 for a blank, 0.003 for
-        # another texture). Measured on the toy, no CLIP reward wins on every concept (docs/cgru_search.md).
+        # reconstructed: r = 1 - p(concept | x_0), p from CLIP zero-shot over the concept and its
+        # in-domain alternatives, p = softmax(logit_scale * cos(image, [concept, alternatives]))[0].
+        # A blank canvas lowers the cosine but not p: see "reward hacking" in docs/methods/rl_critic.md
         p = (clip.model.logit_scale.exp().cpu() * img @ texts.T).softmax(-1)[:, 0]
         forget = 1 - p if args.reward == "clip-zero-shot" else 1 - p + forget
     return torch.where(f, forget, (img * own).sum(-1))
@@ -265,6 +266,49 @@ def ppo_loss(log_prob: torch.Tensor, log_prob_old: torch.Tensor, adv: torch.Tens
     return -torch.min(ratio * adv, clipped * adv).mean(), ratio
 
 
+def loss(unet, unet_ref, models: common.Models, mb: dict, guidance_scale: float, eta: float, clip_range: float,
+         kl_weight: float, kl_uncond: bool):
+    """The whole policy objective on a minibatch of stored (state, action) pairs, as (total, terms):
+
+        L = L_PPO + beta_kl * (KL_retain [+ KL_uncond])
+        ratio  = exp(log pi_theta(a_t | s_t) - log pi_behaviour(a_t | s_t))
+        L_PPO  = -mean min(ratio A_t, clip(ratio, 1 - eps, 1 + eps) A_t)
+        KL(pi_theta || pi_ref) per step = ||mu_theta - mu_ref||^2 / (2 sigma_t^2)   (equal variances)
+        KL_retain: that KL averaged over the retain prompts' pairs only
+        KL_uncond: the same KL for the unconditional branch eps_u, on every pair (--kl-uncond)
+
+    `mb` holds x_t, x_prev (the stored action), t, cond, uncond, log_prob_old (the behaviour
+    policy's), adv and is_forget. The KL terms are off when beta_kl = 0.
+    """
+    x_t, x_prev, t = mb["x_t"], mb["x_prev"], mb["t"]
+    hold, both = kl_weight > 0, kl_weight > 0 and kl_uncond  # which KL terms are on
+    with common.autocast(models.device, models.dtype):
+        eps = common.guided_eps(unet, x_t, t, mb["cond"], mb["uncond"], guidance_scale, with_uncond=both)
+    eps, eps_u = (eps[0].float(), eps[1].float()) if both else (eps.float(), None)
+    _, log_prob, mean, sigma = common.ddim_step(models.scheduler, eps, t, x_t, eta, prev_sample=x_prev)
+    total, ratio = ppo_loss(log_prob, mb["log_prob_old"], mb["adv"], clip_range)
+    terms = {"ppo": total, "clipped": ((ratio - 1).abs() > clip_range).float().mean()}
+    if not hold:
+        return total, terms
+    with torch.no_grad(), common.autocast(models.device, models.dtype):
+        ref = common.guided_eps(unet_ref, x_t, t, mb["cond"], mb["uncond"], guidance_scale, with_uncond=both)
+    eps_ref, eps_u_ref = ref if both else (ref, None)
+    mu = lambda e: common.ddim_step(models.scheduler, e.float(), t, x_t, eta, prev_sample=x_prev)[2]  # noqa: E731
+    # KL(pi_theta || pi_ref) per step, equal variances: ||mu_theta - mu_ref||^2 / (2 sigma_t^2)
+    kl = ((mean - mu(eps_ref)) ** 2 / (2 * sigma ** 2)).mean(dim=tuple(range(1, mean.ndim)))
+    # reconstructed: held on the retain prompts' steps only; on a forget prompt the KL would pull
+    # the policy back toward the concept it is meant to leave
+    retain = (~mb["is_forget"]).to(kl.device, kl.dtype)
+    kl = (kl * retain).sum() / retain.sum().clamp(min=1)
+    # reconstructed (--kl-uncond): guidance uses eps_u for every prompt, but at training guidance 1
+    # it is not in the policy and nothing else holds it
+    kl_u = ((mu(eps_u) - mu(eps_u_ref)) ** 2 / (2 * sigma ** 2)).mean() if both else 0.0
+    # L = L_PPO + beta_kl * (KL_retain + KL_uncond)
+    total = total + kl_weight * (kl + kl_u)
+    terms.update(kl=kl, **({"kl_uncond": kl_u} if both else {}))
+    return total, terms
+
+
 # --- Training ---
 
 def critic_inputs(buffer: list, device):
@@ -294,60 +338,31 @@ def fit_critic(critic, opt, buffer: list, epochs: int, generator: torch.Generato
 
 def policy_update(args: Args, models: common.Models, unet_ref, params, opt, roll: dict, adv: torch.Tensor,
                   generator: torch.Generator) -> dict:
-    """PPO on (state, action) pairs of this iteration, re-scoring stored actions under theta."""
+    """PPO epochs over this iteration's (state, action) pairs, re-scoring the stored actions under theta."""
     unet = models.unet.train()
     n, T = adv.shape
-    # reconstructed (--train-steps): only the noisiest steps, where the sample's content is decided.
-    # Measured on the toy (benchmarks/cgru_gradient_agreement.py): the least noisy half of the steps
-    # takes almost all of the gradient norm, and there the gradients of independent batches do not
-    # agree: it is noise, crowding out the steps that decide the shape. One cause: the log-prob's
-    # sensitivity to the UNet output, |d mu / d eps_hat| / sigma_t, is 5.4 at t = 51, 0.6-1.1 elsewhere.
+    # reconstructed (--train-steps): only the noisiest steps, where the sample's content is decided
     steps = torch.arange(max(1, round(T * args.train_steps)))
     pairs = torch.cartesian_prod(torch.arange(n), steps)
     cond = common.encode_prompts(models, roll["prompts"])
     uncond = common.encode_prompts(models, [""] * n)
     stats, n_updates = {}, 0
-    hold, both = args.kl_weight > 0, args.kl_weight > 0 and args.kl_uncond  # which KL terms are on
     for _ in range(args.ppo_epochs):
         for mb in pairs[torch.randperm(len(pairs), generator=generator)].split(args.minibatch):
             i, k = mb[:, 0], mb[:, 1]
-            x_t = roll["x_t"][i, k].to(models.device)
-            x_prev = roll["x_prev"][i, k].to(models.device)
-            t = roll["timesteps"][k].to(models.device)
-            with common.autocast(models.device, models.dtype):
-                eps = common.guided_eps(unet, x_t, t, cond[i], uncond[i], args.guidance_scale, with_uncond=both)
-            eps, eps_u = (eps[0].float(), eps[1].float()) if both else (eps.float(), None)
-            _, log_prob, mean, sigma = common.ddim_step(models.scheduler, eps, t, x_t, args.eta, prev_sample=x_prev)
-            loss, ratio = ppo_loss(log_prob, roll["log_probs"][i, k].to(models.device), adv[i, k].to(models.device),
-                                   args.clip_range)
-            if hold:
-                with torch.no_grad(), common.autocast(models.device, models.dtype):
-                    ref = common.guided_eps(unet_ref, x_t, t, cond[i], uncond[i], args.guidance_scale,
-                                            with_uncond=both)
-                eps_ref, eps_u_ref = ref if both else (ref, None)
-                mu = lambda e: common.ddim_step(models.scheduler, e.float(), t, x_t, args.eta, prev_sample=x_prev)[2]  # noqa: E731
-                # KL(pi_theta || pi_ref) per step, equal variances: ||mu_theta - mu_ref||^2 / (2 sigma_t^2)
-                kl = ((mean - mu(eps_ref)) ** 2 / (2 * sigma ** 2)).mean(dim=tuple(range(1, mean.ndim)))
-                # reconstructed: held on the retain prompts' steps only; on a forget prompt the KL
-                # would pull the policy back toward the concept it is meant to leave.
-                retain = (~roll["is_forget"][i]).to(kl.device, kl.dtype)
-                kl = (kl * retain).sum() / retain.sum().clamp(min=1)
-                # reconstructed (--kl-uncond): the same KL for the unconditional branch, on every step.
-                # Guidance uses eps_u for every prompt, but at training guidance 1 it is not in the policy and
-                # nothing would hold it; the report samples at guidance 5, eps_u + 5 (eps_c - eps_u),
-                # which turns its drift into damage (measured on circle: the trained UNet's own eps_u
-                # cost 9 points of in-domain retain against the reference's eps_u).
-                # Measured on the toy, it also slowed forgetting more than it saved retain: off by default.
-                kl_uncond = ((mu(eps_u) - mu(eps_u_ref)) ** 2 / (2 * sigma ** 2)).mean() if both else 0.0
-                loss = loss + args.kl_weight * (kl + kl_uncond)
-                stats.update(kl=kl.item(), **({"kl_uncond": kl_uncond.item()} if both else {}))
-            common.check_finite(n_updates, loss=loss)
+            batch = dict(x_t=roll["x_t"][i, k].to(models.device), x_prev=roll["x_prev"][i, k].to(models.device),
+                         t=roll["timesteps"][k].to(models.device), cond=cond[i], uncond=uncond[i],
+                         log_prob_old=roll["log_probs"][i, k].to(models.device), adv=adv[i, k].to(models.device),
+                         is_forget=roll["is_forget"][i])
+            total, terms = loss(unet, unet_ref, models, batch, args.guidance_scale, args.eta, args.clip_range,
+                                args.kl_weight, args.kl_uncond)
+            common.check_finite(n_updates, loss=total)
             n_updates += 1
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            total.backward()
+            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
             opt.step()
-            stats.update(ppo=loss.item(), clipped=((ratio - 1).abs() > args.clip_range).float().mean().item())
+            stats.update({name: float(v) for name, v in terms.items()})
     return stats
 
 
@@ -357,15 +372,15 @@ def train(args: Args, models: common.Models, ps: common.PromptSet, unet_ref, par
     judge = evaluation.Judge(models, clip) if args.reward == "classifier" else None
     g = torch.Generator().manual_seed(args.seed)
     buffer, scale, log = [], None, {}
-    bar = tqdm(range(args.iterations + 1), desc="CGRU")
+    bar = common.progress(args.iterations + 1, "CGRU")
     for it in bar:
         roll = with_text(rollouts(args, models, ps, seed=args.seed * 100_000 + it), clip)
         raw = rewards(args, roll, ps, clip, judge)
         f = roll["is_forget"]
-        if scale is None:  # standardise with the base policy's statistics (then a fixed scale):
-            # each group centred on its own base mean, both divided by the pooled within-group std.
-            # reconstructed: a per-group std would blow up a group the base policy scores alike
-            # (the judge gives every base circle 1 - p(circle) ~ 0).
+        if scale is None:  # standardise with the reference policy's statistics (then a fixed scale):
+            # each group centred on its own mean, both divided by the pooled within-group std.
+            # reconstructed: a per-group std would blow up a group the reference policy scores alike
+            # (the judge gives every reference circle 1 - p(circle) ~ 0).
             mean = {"forget": raw[f].mean(), "retain": raw[~f].mean()}
             scale = (0.5 * (raw[f].var() + raw[~f].var())).sqrt() + 1e-6
         r = (raw - torch.where(f, mean["forget"], mean["retain"])) / scale
@@ -388,23 +403,22 @@ def train(args: Args, models: common.Models, ps: common.PromptSet, unet_ref, par
         stats = policy_update(args, models, unet_ref, params, opt, roll, adv, g)
         log = {"r_forget": raw[f].mean().item(), "r_retain": raw[~f].mean().item(),
                "critic_mse": critic_mse, "reward_var": reward_var, **stats}
-        bar.set_postfix({k: f"{v:.3g}" for k, v in log.items()}, refresh=False)
+        common.show(bar, log)
     return {"critic_mse": critic_mse, "reward_var": reward_var,
             "r_forget_start": mean["forget"].item(), "r_forget_end": raw[f].mean().item()}
 
 
 # --- Save and report ---
 
-def main():
-    args = common.parse_args(Args)
-    common.fill_defaults(args, TOY_DEFAULTS if args.model == "toy" else SD_DEFAULTS)
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     started = time.time()
     out = args.output_dir or common.default_output_dir("rl_critic", args.concept)
     with common.output_folder(out, args.overwrite) as folder:
         models, ps, unet_ref, params, clip, critic = setup(args)
         log = train(args, models, ps, unet_ref, params, clip, critic)
         metrics = evaluation.save_and_report(folder, models, ps, models.unet, unet_ref, args, started,
-                                             args.n_eval_images, method="CGRU", **log)
+                                             args.n_eval_images, args.seed, method="CGRU", **log)
     print(f"saved to {out}")
     return metrics
 

@@ -1,4 +1,5 @@
-"""Run unlearning methods with their default toy settings on every shape and texture concept.
+"""Reproduces docs/results.md and docs/compare.png: every method with its default toy settings on
+every shape and texture concept (seed 0), one table per method and the averages.
 
     python benchmarks/compare_toy.py                       # all four methods, all 10 concepts
     python benchmarks/compare_toy.py --methods pure --quick  # one method, circle + striped
@@ -28,8 +29,6 @@ import eval as evaluation  # noqa: E402
 from toy import world  # noqa: E402
 
 METHODS = ["pure", "mim_mu", "vdu", "rl_critic"]
-# the bar each method's issue sets: UA >= 90% and in-domain retain within this many points of the base
-RETAIN_BAR = {"pure": 0.10, "mim_mu": 0.05, "vdu": 0.10, "rl_critic": 0.15}
 COLS = [("ua", "UA"), ("ua_synonym", "synonym UA"), ("retain_in", "retain in"), ("retain_cross", "retain cross"),
         ("clip_forget", "CLIP forget"), ("clip_retain", "CLIP retain"), ("fd_clip", "FD-CLIP"),
         ("wall_time_s", "wall time (s)")]
@@ -104,7 +103,7 @@ def main():
                 continue
             u = {**m["unlearned"], "wall_time_s": m["wall_time_s"]}
             base = m["base"]
-            u["meets"] = u["ua"] >= 0.90 and u["retain_in"] >= base["retain_in"] - RETAIN_BAR[method] - 1e-9
+            u["meets"] = evaluation.meets_bar(method, m)
             rows.append(u)
             lines.append(f"| {c} | " + " | ".join(
                 fmt(k, u.get(k)) + (f" ({fmt(k, base.get(k))})" if k in base else "") for k, _ in COLS)
@@ -112,8 +111,9 @@ def main():
         if rows:
             averages[method] = {k: float(np.mean([r[k] for r in rows if r.get(k) is not None])) for k, _ in COLS}
             averages[method]["meets"] = f"{sum(r['meets'] for r in rows)}/{len(rows)}"
-        lines += ["", f"(in brackets: the base model on the same prompts and seeds; bar: UA >= 90% and in-domain "
-                      f"retain at most {RETAIN_BAR[method] * 100:.0f} points below the base)", ""]
+        lines += ["", f"(in brackets: the base model on the same prompts and seeds; bar: UA >= "
+                      f"{evaluation.BAR_UA:.0%} and in-domain retain at most "
+                      f"{evaluation.BAR_RETAIN_DROP[method] * 100:.0f} points below the base)", ""]
     lines += ["## Averages over concepts", "",
               "| method | " + " | ".join(c for _, c in COLS) + " | concepts meeting the bar |", rule]
     for method, a in averages.items():

@@ -1,4 +1,5 @@
-"""Time common.sample against diffusers' StableDiffusionPipeline on the toy model.
+"""Time common.sample against diffusers' StableDiffusionPipeline on the toy model (reproduces the
+sampler-speed figures in the README, "Tests and benchmarks").
 
     python benchmarks/sampling_speed.py [--batch 64] [--repeats 5]
 
@@ -27,7 +28,7 @@ def main():
     args = p.parse_args()
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    device, dtype = common.setup(0, args.device)
+    device, dtype = common.seed_and_device(0, args.device)
     models = common.load_models("toy", device, dtype)
     pipe = StableDiffusionPipeline.from_pretrained(common.TOY_DIR / "pipeline", safety_checker=None).to(device)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)

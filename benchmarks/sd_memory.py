@@ -1,4 +1,5 @@
-"""Estimate each method's GPU memory on Stable Diffusion v1.4 without a GPU or the hub.
+"""Estimate each method's GPU memory on Stable Diffusion v1.4 without a GPU or the hub (reproduces
+docs/sd_memory.md).
 
     python benchmarks/sd_memory.py build [--out /tmp/sdmem/sd14]
     python benchmarks/sd_memory.py run pure --sample-steps 1 --json out.json -- \\
@@ -272,7 +273,7 @@ def probe(model: str, train: str, n: int, mixed_precision: str, checkpointing: b
     import common
 
     tracker = LiveTensorMemory()
-    device, dtype = common.setup(0, "cpu", mixed_precision)
+    device, dtype = common.seed_and_device(0, "cpu", mixed_precision)
     tracker.paused = True
     models = common.load_models(model, device, dtype)
     tracker.paused = False

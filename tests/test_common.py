@@ -41,30 +41,41 @@ def test_ddim_step_with_eta_zero_equals_diffusers_scheduler_step(toy_models):
         assert torch.allclose(ours, theirs, atol=1e-6)
 
 
-def test_stochastic_step_log_prob_is_the_gaussian_density_of_the_sampled_action(toy_models):
+def test_stochastic_step_is_diffusers_step_and_its_log_prob_the_density_of_the_action(toy_models):
     sched = toy_models.scheduler
     sched.set_timesteps(20)
     g = torch.Generator().manual_seed(1)
     x_t, eps = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
     t = int(sched.timesteps[5])
-    gens = [torch.Generator().manual_seed(s) for s in range(4)]
-    x_prev, log_prob, mean, sigma = common.ddim_step(sched, eps, t, x_t, eta=1.0, generators=gens)
+    x_prev, log_prob, _, _ = common.ddim_step(sched, eps, t, x_t, eta=1.0,
+                                              generators=[torch.Generator().manual_seed(s) for s in range(4)])
+    # diffusers' own DDIM step, independent of ours: its mean (no noise), its sigma (unit noise)
+    mean = sched.step(eps, t, x_t, eta=1.0, variance_noise=torch.zeros_like(x_t)).prev_sample
+    sigma = sched.step(eps, t, x_t, eta=1.0, variance_noise=torch.ones_like(x_t)).prev_sample - mean
+    assert sigma.min() > 0 and torch.allclose(sigma, sigma.flatten()[0].expand_as(sigma))
+    # the drawn action is diffusers' step with the same per-image noise
+    noise = torch.cat([torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(s)) for s in range(4)])
+    assert torch.allclose(x_prev, sched.step(eps, t, x_t, eta=1.0, variance_noise=noise).prev_sample, atol=1e-5)
     expected = torch.distributions.Normal(mean, sigma).log_prob(x_prev).mean(dim=(1, 2, 3))
-    assert torch.allclose(log_prob, expected, atol=1e-5)
-    assert sigma > 0
-    # re-scoring the stored action gives the same number (what PPO's ratio relies on)
-    _, again, _, _ = common.ddim_step(sched, eps, t, x_t, eta=1.0, prev_sample=x_prev)
-    assert torch.allclose(again, log_prob, atol=1e-6)
-    # and a sample from the mean itself is more likely than the drawn one
+    assert torch.allclose(log_prob, expected, atol=1e-4)
+    # moving every element one sigma away from the mean costs exactly 1/2 of log-density per element
     _, at_mean, _, _ = common.ddim_step(sched, eps, t, x_t, eta=1.0, prev_sample=mean)
-    assert (at_mean > log_prob).all()
+    _, one_sigma, _, _ = common.ddim_step(sched, eps, t, x_t, eta=1.0, prev_sample=mean + sigma)
+    assert torch.allclose(at_mean - one_sigma, torch.full((4,), 0.5), atol=1e-4)
 
 
-def test_trajectory_is_returned_for_every_step_with_eta_above_zero(toy_models):
-    s = common.sample(toy_models, ["a circle", "a ring"], [0, 1], steps=5, eta=1.0, trajectory=True)
-    assert s.x_t.shape == (2, 5, 4, 8, 8) and s.x_prev.shape == (2, 5, 4, 8, 8)
-    assert s.log_probs.shape == (2, 5) and torch.isfinite(s.log_probs).all()
-    assert torch.equal(s.x_t[:, 1:], s.x_prev[:, :-1])  # the chain is consistent
+def test_stored_trajectories_rescore_to_their_own_log_probs_under_the_same_policy(toy_models):
+    # what PPO relies on: before any update, re-scoring a stored action gives ratio 1
+    prompts = ["a circle", "a ring"]
+    s = common.sample(toy_models, prompts, [0, 1], steps=5, eta=1.0, trajectory=True)
+    assert s.x_t.shape == (2, 5, 4, 8, 8) and s.log_probs.shape == (2, 5)
+    cond, uncond = common.encode_prompts(toy_models, prompts), common.encode_prompts(toy_models, ["", ""])
+    with torch.no_grad():
+        for k, t in enumerate(s.timesteps.tolist()):
+            eps = common.guided_eps(toy_models.unet, s.x_t[:, k], t, cond, uncond, toy_models.guidance_scale)
+            _, log_prob, _, _ = common.ddim_step(toy_models.scheduler, eps, t, s.x_t[:, k], eta=1.0,
+                                                 prev_sample=s.x_prev[:, k])
+            assert torch.allclose(log_prob, s.log_probs[:, k], atol=1e-4), k
     assert torch.equal(s.x_prev[:, -1], s.latents)
 
 
@@ -186,9 +197,9 @@ def test_empty_parameter_selection_is_an_error():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_device_cuda_without_cuda_is_an_error_not_a_silent_fallback():
     with pytest.raises(common.UsageError, match="no CUDA GPU"):
-        common.setup(0, "cuda")
+        common.seed_and_device(0, "cuda")
     with pytest.raises(common.UsageError, match="fp16 needs a CUDA GPU"):
-        common.setup(0, "cpu", "fp16")
+        common.seed_and_device(0, "cpu", "fp16")
 
 
 def test_args_dataclass_becomes_a_command_line_with_help():
@@ -224,3 +235,85 @@ def test_frechet_distance_is_zero_for_identical_features_and_the_mean_shift_othe
     shift = torch.zeros(8)
     shift[0] = 3.0
     assert abs(ev.frechet_distance(a, a + shift) - 9.0) < 1e-4
+
+
+def test_frechet_distance_with_different_covariances_matches_two_independent_computations():
+    import numpy as np
+    g = torch.Generator().manual_seed(1)
+    # 1-D: b = 2a + 1 has mean 2 mu_a + 1 and std 2 sigma_a: FD = (mu_a + 1)^2 + (2 sigma_a - sigma_a)^2
+    a = torch.randn(300, 1, generator=g)
+    assert abs(ev.frechet_distance(a, 2 * a + 1) - ((a.mean().item() + 1) ** 2 + a.var().item())) < 1e-6
+    # d-D: tr(S_a + S_b - 2 (S_a S_b)^1/2), the cross term from the eigenvalues of S_a S_b
+    a = torch.randn(400, 6, generator=g) @ torch.randn(6, 6, generator=g)
+    b = torch.randn(400, 6, generator=g) @ torch.randn(6, 6, generator=g) + 0.5
+    s_a, s_b = np.cov(a.numpy().T), np.cov(b.numpy().T)
+    cross = np.sqrt(np.linalg.eigvals(s_a @ s_b).real.clip(min=0)).sum()
+    expected = ((a.mean(0) - b.mean(0)) ** 2).sum().item() + np.trace(s_a) + np.trace(s_b) - 2 * cross
+    assert abs(ev.frechet_distance(a, b) - expected) < 1e-6 * max(1.0, abs(expected))
+
+
+# --- every number is checked, every script has --help, every stop leaves nothing ------------------
+
+def test_numbers_out_of_their_declared_range_are_one_sentence_errors():
+    from dataclasses import dataclass
+
+    @dataclass
+    class A:
+        steps: int = common.arg(10, "steps", ">=1")
+        lr: float = common.arg(1e-3, "learning rate", ">0")
+        gamma: float = common.arg(0.5, "weight", "(0,1)")
+        share: float = common.arg(1.0, "share", "(0,1]")
+        free: float = common.arg(-3.0, "no range, only finite")
+
+    common.check_ranges(A())
+    for field, value, message in [("steps", -5, "--steps must be at least 1, got -5."),
+                                  ("lr", float("nan"), "--lr must be a finite number, got nan."),
+                                  ("lr", 0.0, "--lr must be greater than 0, got 0.0."),
+                                  ("gamma", 1.0, "--gamma must be in (0, 1), got 1.0."),
+                                  ("share", 0.0, "--share must be in (0, 1], got 0.0."),
+                                  ("free", float("inf"), "--free must be a finite number, got inf.")]:
+        with pytest.raises(common.UsageError) as e:
+            common.check_ranges(A(**{field: value}))
+        assert str(e.value) == message
+
+
+def test_bad_numbers_on_a_method_command_line_exit_2_with_one_sentence():
+    for argv, message in [(["--lr", "nan"], "error: --lr must be a finite number, got nan."),
+                          (["--steps", "-5"], "error: --steps must be at least 1, got -5.")]:
+        r = subprocess.run([sys.executable, "pure.py", "--model", "toy", "--concept", "circle", *argv],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and r.stderr.strip() == message, r.stderr
+
+
+@pytest.mark.parametrize("script", ["pure.py", "mim_mu.py", "vdu.py", "rl_critic.py", "eval.py",
+                                    "benchmarks/compare_toy.py", "benchmarks/sampling_speed.py",
+                                    "benchmarks/sd_memory.py", "benchmarks/probes/exploration_by_guidance.py",
+                                    "benchmarks/probes/critic_input_ablation.py",
+                                    "benchmarks/probes/gradient_agreement_by_step.py",
+                                    "benchmarks/probes/guidance_branch_damage.py",
+                                    "benchmarks/probes/text_entanglement.py"])
+def test_every_script_has_a_help_that_parses(script):
+    r = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.startswith("usage:"), r.stderr[-2000:]
+    assert len(r.stdout.splitlines()) > 5
+
+
+def test_a_missing_forget_images_folder_is_one_sentence(tmp_path):
+    with pytest.raises(common.UsageError, match="--forget-images .* is not a folder"):
+        common.load_image_folder(str(tmp_path / "nowhere"), 32)
+
+
+def test_sigterm_stops_a_run_like_ctrl_c_and_leaves_nothing(tmp_path):
+    import signal
+    import time
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "pure.py", "--model", "toy", "--concept", "circle", "--n-eval-images", "0",
+                          "--output-dir", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not any(tmp_path.iterdir()) and time.time() < deadline:  # the hidden temporary folder
+        time.sleep(0.1)
+    assert any(tmp_path.iterdir()), "the run never started"
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "nothing was saved" in err and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []

@@ -5,9 +5,9 @@ import json
 import torch
 
 import common
+import eval as evaluation
 from conftest import changed_parameters, readme_quick_start, run_script
 import pure
-
 
 
 def _batch(models, n=4, seed=0):
@@ -49,6 +49,32 @@ def test_at_delta_zero_the_forget_loss_is_gradient_ascent_and_it_saturates():
     assert e_far.grad.abs().max() < 1e-8  # forgetting has saturated: no more push
 
 
+def test_the_total_is_the_phase_term_plus_lambda_kl_and_no_gradient_reaches_the_reference(tiny_sd):
+    import copy
+    models = common.load_models(str(tiny_sd), torch.device("cpu"))
+    unet = models.unet
+    common.select_trainable(unet, "full", verbose=False)
+    ref = copy.deepcopy(unet).requires_grad_(True)  # would collect gradients without the stop-gradient
+    with torch.no_grad():
+        for p in unet.parameters():  # theta away from the reference, so L_KL and delta are not 0
+            p.add_(1e-2 * torch.randn_like(p))
+    forget = _batch(models, seed=0)
+    retain = _batch(models, seed=1)
+    total, terms = pure.loss(unet, ref, models, forget, retain, "forget", beta=30.0, kl_weight=10.0)
+    assert set(terms) == {"L_forget", "delta", "L_KL"} and terms["L_KL"] > 0
+    assert torch.allclose(total, terms["L_forget"] + 10.0 * terms["L_KL"])
+    total.backward()
+    assert all(p.grad is None for p in ref.parameters())
+    # the retain half's KL is against the reference's prediction on the same x_t, c_r
+    x_r, t_r, _, c_r = retain
+    with torch.no_grad():
+        kl = (unet(x_r, t_r, encoder_hidden_states=c_r).sample - ref(x_r, t_r, encoder_hidden_states=c_r).sample)
+    assert torch.allclose(terms["L_KL"], kl.pow(2).mean(), atol=1e-6)
+    total, terms = pure.loss(unet, ref, models, forget, retain, "repair", beta=30.0, kl_weight=10.0)
+    assert set(terms) == {"L_repair", "L_KL"}
+    assert torch.allclose(total, terms["L_repair"] + 10.0 * terms["L_KL"])
+
+
 def test_two_steps_on_a_tiny_sd_pipeline_save_a_unet_that_reloads(tiny_sd, tmp_path):
     out = tmp_path / "run"
     r = run_script("pure.py", "--model", str(tiny_sd), "--concept", "church",
@@ -61,15 +87,15 @@ def test_two_steps_on_a_tiny_sd_pipeline_save_a_unet_that_reloads(tiny_sd, tmp_p
     assert run["args"]["steps"] == 2 and run["base_model"] == str(tiny_sd)
 
 
-def test_pure_forgets_circle_on_the_toy_and_keeps_the_other_shapes(quick_start):
-    # the README's quick start is exactly this run: PURE with its default toy settings on circle
+def test_pure_defaults_forget_circle_at_seed_0_and_keep_the_other_shapes(quick_start):
+    # the README's quick start is exactly this run: PURE with its default toy settings on circle,
+    # seed 0 (the default seed); the other concepts and seeds are the benchmark's
     assert readme_quick_start()[0].endswith("python pure.py --model toy --concept circle")
     out = quick_start / "outputs" / "pure-circle"
     m = json.loads((out / "metrics.json").read_text())
     print(json.dumps(m, indent=1))
     assert m["n_forget_images"] >= 64 and m["n_retain_images"] >= 64
-    assert m["unlearned"]["ua"] >= 0.90
-    assert m["unlearned"]["retain_in"] >= m["base"]["retain_in"] - 0.10
+    assert m["seed"] == 0 and evaluation.meets_bar("pure", m), m["unlearned"]
     # the saved UNet plugs into the diffusers pipeline
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     unet = UNet2DConditionModel.from_pretrained(out / "unet")

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import eval as evaluation
 from conftest import ROOT, readme_blocks, readme_quick_start
 
 
@@ -29,3 +30,20 @@ def test_load_in_diffusers_snippet_runs_on_the_quick_start_output(quick_start):
     r = subprocess.run([sys.executable, "-c", snippet + check], cwd=quick_start, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
+def test_the_bar_the_readme_states_is_the_table_the_tests_and_the_benchmark_use():
+    drop = {m: round(100 * evaluation.BAR_RETAIN_DROP[m]) for m in ("pure", "vdu", "mim_mu", "rl_critic")}
+    assert drop["pure"] == drop["vdu"]
+    sentence = (f"UA >= {evaluation.BAR_UA:.0%} with in-domain retain at most {drop['pure']} (PURE, VDU), "
+                f"{drop['mim_mu']} (MiM-MU) or {drop['rl_critic']} (CGRU) points below the base")
+    assert sentence in " ".join((ROOT / "README.md").read_text().split())
+
+
+def test_the_readme_is_a_ten_minute_read_and_points_nowhere_outside_the_repository():
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 250
+    import re
+    for link in re.findall(r"\]\(([^)#]+)", text):
+        if not link.startswith("http"):
+            assert (ROOT / link).exists(), link

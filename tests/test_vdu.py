@@ -4,9 +4,9 @@ import json
 
 import torch
 
+import eval as evaluation
 import vdu
 from conftest import run_script
-
 
 
 def test_stability_is_zero_at_the_anchor_and_grows_quadratically():
@@ -44,8 +44,7 @@ def test_identical_checkpoints_give_a_finite_precision_thanks_to_the_floor(tiny_
     import common
     models = common.load_models(str(tiny_sd), torch.device("cpu"))
     params = common.select_trainable(models.unet, "full", verbose=False)
-    args = vdu.Args(concept="church", precision_from="checkpoints", checkpoints=[str(tiny_sd)] * 2)
-    anchor, precision = vdu.precision_and_anchor(args, models, params, {})
+    anchor, precision = vdu.precision_and_anchor(models, params, "checkpoints", [str(tiny_sd)] * 2)
     flat = torch.cat([p.flatten() for p in precision])
     assert torch.isfinite(flat).all() and abs(flat.mean().item() - 1) < 1e-4
 
@@ -60,14 +59,14 @@ def test_unbounded_ascent_runs_away_on_the_toy_and_the_divergence_stop_saves_not
     assert not out.exists()
 
 
-def test_vdu_forgets_circle_on_the_toy_and_keeps_the_other_shapes(tmp_path):
-    # measured 2026-11-23 with the defaults: UA 95%, in-domain retain 91% (base 95%); other concepts do
-    # not reach the bar with these defaults (docs/results.md), so issue 6 stays open
+def test_vdu_defaults_forget_circle_at_seed_0_the_concept_and_seed_they_were_tuned_on(tmp_path):
+    # The defaults were searched on circle, seed 0 (docs/vdu_search.md). That is all this shows:
+    # at seed 0 they meet the bar on no other concept (docs/results.md). measured 2026-11-23: UA 95%,
+    # in-domain retain 91% (base 95%)
     out = tmp_path / "vdu-circle"
-    r = run_script("vdu.py", "--model", "toy", "--concept", "circle", "--output-dir", out)
+    r = run_script("vdu.py", "--model", "toy", "--concept", "circle", "--seed", "0", "--output-dir", out)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
     print(json.dumps(m, indent=1))
     assert m["n_forget_images"] >= 64 and m["n_retain_images"] >= 64
-    assert m["unlearned"]["ua"] >= 0.90
-    assert m["unlearned"]["retain_in"] >= m["base"]["retain_in"] - 0.10
+    assert evaluation.meets_bar("vdu", m), m["unlearned"]

@@ -333,7 +333,7 @@ def generate(pipe, prompts, seed: int, batch: int = 256) -> torch.Tensor:
 
 def quality(folder: Path, device, n_per_value: int = 32, n_uncond: int = 256, seed: int = 1000,
             grid_path: Path | None = None):
-    """Every figure of the toy world's quality table (issue: 'Numbers it must reach')."""
+    """Every figure of the toy world's quality table (docs/toy_world.md)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPModel, CLIPTokenizer
     judge = load_judge(folder / "judge", device)

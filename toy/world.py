@@ -13,7 +13,7 @@ captions, so that evaluation can tell whether an unlearning method erased a word
 Captions are dropped (replaced by "") for classifier-free guidance, mostly on unnamed content:
 what the empty prompt learns is only the images whose captions were dropped, so this keeps
 named shapes and textures rare in unconditional samples while captioned batches stay rich in
-them (see ../shared/DESIGN.md, "The toy world").
+them (docs/toy_world.md).
 
 Everything is a deterministic function of a seed.
 """

@@ -7,7 +7,7 @@ and each other value of its kind ("a square", ...), the cosine between their tex
 over all token states, and at the concept word's own position (the first token where they differ).
 The empty prompt is listed for reference: it is what MiM-MU maps the concept to.
 
-    python benchmarks/text_entanglement.py --concept circle
+    python benchmarks/probes/text_entanglement.py --concept circle
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import common  # noqa: E402
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--concept", default="circle", help="toy concept")
     a = p.parse_args()
     models = common.load_models("toy", torch.device("cpu"))

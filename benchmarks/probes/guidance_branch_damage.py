@@ -7,7 +7,7 @@ the same prompts and seeds as its report: as trained; with the base model's eps_
 eps_c; with the trained eps_u and the base model's eps_c. If swapping the base eps_u back in
 restores retain accuracy, the run's damage came through the unconditional branch.
 
-    python benchmarks/guidance_branches.py --run outputs/rl_critic-circle
+    python benchmarks/probes/guidance_branch_damage.py --run outputs/rl_critic-circle
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import common  # noqa: E402
 import eval as evaluation  # noqa: E402
 
@@ -42,7 +42,7 @@ class Branches(torch.nn.Module):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="a saved toy run folder (outputs/<method>-<concept>)")
     p.add_argument("--n", type=int, default=64, help="images per group (the reports use 64)")
     a = p.parse_args()

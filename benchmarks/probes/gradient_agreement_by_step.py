@@ -1,13 +1,13 @@
 """Which denoising steps carry CGRU's policy-gradient signal, and which carry only noise?
 
-Samples several independent batches of base-policy trajectories for the forget prompts (the
+Samples several independent batches of reference-policy trajectories for the forget prompts (the
 same policy each time), and computes the REINFORCE gradient of each batch,
     g = mean_i sum_{k in K} A_i grad_theta log pi(x_{k-1} | x_k, c_i),
 with A_i the trajectory's standardised reward, for several sets K of steps. If K carries a
 signal, the gradients of independent batches point the same way (cosine > 0); if it carries
 only noise, they are orthogonal (cosine ~ 0). The norm says how much of the update K would take.
 
-    python benchmarks/cgru_gradient_agreement.py --concept circle
+    python benchmarks/probes/gradient_agreement_by_step.py --concept circle
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import common  # noqa: E402
 import rl_critic  # noqa: E402
 
@@ -49,14 +49,13 @@ def batch_gradients(args, models, ps, clip, params, seed: int, step_sets: dict) 
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--concept", default="circle", help="toy concept")
     p.add_argument("--trajectories", type=int, default=64, help="forget trajectories per batch")
     p.add_argument("--batches", type=int, default=3, help="independent batches (cosines of every pair)")
     a = p.parse_args()
-    args = common.parse_args(rl_critic.Args, ["--model", "toy", "--concept", a.concept,
-                                              "--samples-per-iteration", str(2 * a.trajectories)])
-    common.fill_defaults(args, rl_critic.TOY_DEFAULTS)
+    args = rl_critic.parse_args(["--model", "toy", "--concept", a.concept,
+                                 "--samples-per-iteration", str(2 * a.trajectories)])
     models, ps, _, params, clip, _ = rl_critic.setup(args)
     T = args.sample_steps
     step_sets = {"all steps": range(T), "noisiest half": range(T // 2), "least noisy half": range(T // 2, T),

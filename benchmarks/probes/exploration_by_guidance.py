@@ -1,12 +1,12 @@
-"""How often does the base policy explore away from the concept? (CGRU's learning signal)
+"""How often does the reference policy explore away from the concept? (CGRU's learning signal)
 
 A policy gradient learns only from what the policy samples. CGRU's forget reward is high for
 images that do not show the concept, so the share of forget-prompt samples the judge does not
-call the concept is the base policy's exploration rate: the rarer, the less there is to learn
+call the concept is the reference policy's exploration rate: the rarer, the less there is to learn
 from. This samples the concept's forget prompts with the policy CGRU trains (stochastic DDIM,
 eta 1) at several classifier-free guidance scales and prints that share for each.
 
-    python benchmarks/cgru_exploration.py --concepts circle striped
+    python benchmarks/probes/exploration_by_guidance.py --concepts circle striped
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import common  # noqa: E402
 import eval as evaluation  # noqa: E402
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--concepts", nargs="*", default=["circle", "striped"], help="toy concepts")
     p.add_argument("--guidance", nargs="*", type=float, default=[1.0, 2.0, 3.0, 5.0], help="guidance scales")
     p.add_argument("--n", type=int, default=128, help="samples per concept and scale")

@@ -1,6 +1,6 @@
 """How well CGRU's critic predicts the terminal reward, with and without its two design choices.
 
-Samples base-policy trajectories on the toy (the rollouts CGRU's critic warms up on), fits the
+Samples reference-policy trajectories on the toy (the rollouts CGRU's critic warms up on), fits the
 critic V_phi(s_t) on some of them and measures its MSE on held-out trajectories, for:
   x_t + FiLM       the paper's critic: the noisy state, timestep-conditioned (the default)
   x_t, no FiLM     --no-timestep
@@ -8,7 +8,7 @@ critic V_phi(s_t) on some of them and measures its MSE on held-out trajectories,
 The MSE is reported over all steps and per third of the trajectory (noisiest first), next to
 the variance of the held-out rewards: a critic that explains nothing scores about that variance.
 
-    python benchmarks/critic_ablation.py --concept circle
+    python benchmarks/probes/critic_input_ablation.py --concept circle
 """
 
 from __future__ import annotations
@@ -19,21 +19,20 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import common  # noqa: E402
 import rl_critic  # noqa: E402
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--concept", default="circle", help="toy concept")
     p.add_argument("--train-rollouts", type=int, default=4, help="rollouts of 32 trajectories to fit on")
     p.add_argument("--epochs", type=int, default=None, help="critic passes over the training states "
                                                             "(default: rl_critic.py's warm-up epochs)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
-    args = common.parse_args(rl_critic.Args, ["--model", "toy", "--concept", a.concept, "--seed", str(a.seed)])
-    common.fill_defaults(args, rl_critic.TOY_DEFAULTS)
+    args = rl_critic.parse_args(["--model", "toy", "--concept", a.concept, "--seed", str(a.seed)])
     a.epochs = a.epochs or args.warmup_epochs
     models, ps, _, _, clip, _ = rl_critic.setup(args)
     rolls = []
