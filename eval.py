@@ -13,7 +13,8 @@ Metrics (accuracies are fractions in [0, 1]):
 - CLIP score: 100 * cos(CLIP image, CLIP prompt) on forget and on retain prompts.
 - FD-CLIP: Frechet distance between CLIP image features of the unlearned and the base model's
   retain-prompt images, same seeds (0 = unchanged).
-Judges: on the toy, the toy classifier (toy/judge) and the toy CLIP; on Stable Diffusion,
+Judges: on the toy, the toy classifier (toy/judge; toy/judge2, another architecture, cross-checks
+it: the share of images on which they agree is reported per group) and the toy CLIP; on Stable Diffusion,
 microsoft/resnet-50 for Imagenette objects, CLIP zero-shot over artists for styles, NudeNet (if
 installed) for nudity.
 """
@@ -112,22 +113,29 @@ def load_clip(models: common.Models, name: str | None = None) -> Clip:
 
 
 class Judge:
-    """Answers 'which value of <kind> does this image show?' with a value name (or 'other')."""
+    """Answers 'which value of <kind> does this image show?' with a value name (or 'other').
+
+    On the toy, `second_opinion` asks the cross-checking judge (toy/judge2: another architecture
+    and seed, trained by the same build) the same question; eval reports how often they agree.
+    """
 
     def __init__(self, models: common.Models, clip: Clip | None = None):
         self.models, self.clip = models, clip
-        self._toy = self._resnet = None
+        self._toy, self._resnet = {}, None
 
-    def _toy_judge(self):
-        if self._toy is None:
+    def _toy_judge(self, name: str = "judge"):
+        if name not in self._toy:
             from toy.judge import load_judge
-            self._toy = load_judge(common.TOY_DIR / "judge", self.models.device)
-        return self._toy
+            self._toy[name] = load_judge(common.TOY_DIR / name, self.models.device)
+        return self._toy[name]
+
+    def _toy_answer(self, name: str, images: torch.Tensor, kind: str) -> list[str]:
+        judge = self._toy_judge(name)
+        return [judge.classes[kind][i] for i in judge.predict(images)[kind].tolist()]
 
     def __call__(self, images: torch.Tensor, kind: str, candidates: list[str] | None = None) -> list[str]:
         if self.models.is_toy:
-            pred = self._toy_judge().predict(images)[kind]
-            return [self._toy.classes[kind][i] for i in pred.tolist()]
+            return self._toy_answer("judge", images, kind)
         if kind == "object":
             return self._imagenette(images)
         if kind == "style":
@@ -136,12 +144,16 @@ class Judge:
             return self._nudenet(images)
         raise common.UsageError(f"no judge for the kind {kind!r}.")
 
+    def second_opinion(self, images: torch.Tensor, kind: str) -> list[str] | None:
+        """The cross-checking judge's answers (toy only; None on Stable Diffusion)."""
+        return self._toy_answer("judge2", images, kind) if self.models.is_toy else None
+
     @torch.no_grad()
     def probability(self, images: torch.Tensor, kind: str, values: list[str]) -> torch.Tensor:
         """p(value_i | image_i) from the toy judge's softmax (for rewards that optimise the judge)."""
         if not self.models.is_toy:
             raise common.UsageError("a classifier reward is available on the toy only; use the CLIP reward.")
-        judge = self._toy_judge()
+        judge = self._toy_judge("judge")
         logits = judge(images.to(self.models.device, torch.float32))[kind].softmax(-1).cpu()
         idx = torch.tensor([judge.classes[kind].index(v) for v in values])
         return logits[torch.arange(len(values)), idx]
@@ -273,11 +285,15 @@ def evaluate(models: common.Models, unet, es: EvalSet, judge: Judge, clip: Clip,
     m = {}
     for g in es.groups:
         kinds = sorted({k for k, _ in es.targets[g]})
-        pred = [None] * len(es.groups[g])
+        pred, second = [None] * len(es.groups[g]), [None] * len(es.groups[g])
         for kind in kinds:  # judge each kind's images with that kind's head
             idx = [j for j, (k, _) in enumerate(es.targets[g]) if k == kind]
             for j, p in zip(idx, judge(by_group[g][idx], kind, candidates)):
                 pred[j] = p
+            for j, p in zip(idx, judge.second_opinion(by_group[g][idx], kind) or []):
+                second[j] = p
+        if second[0] is not None:  # the share of images on which the two toy judges agree
+            m.setdefault("judge_agreement", {})[g] = float(np.mean([a == b for a, b in zip(pred, second)]))
         values = [v for _, v in es.targets[g]]
         if g in ("forget", "synonym"):
             m["ua" if g == "forget" else "ua_synonym"] = unlearning_accuracy(pred, concept)
@@ -287,6 +303,9 @@ def evaluate(models: common.Models, unet, es: EvalSet, judge: Judge, clip: Clip,
                 m["retain_in_per_value"] = {v: retain_accuracy([p for p, t in zip(pred, values) if t == v],
                                                                [t for t in values if t == v])
                                             for v in dict.fromkeys(values)}
+                # the worst-hit in-domain value: the neighbour a method damaged most
+                worst = min(m["retain_in_per_value"], key=m["retain_in_per_value"].get)
+                m["retain_in_worst"], m["retain_in_worst_value"] = m["retain_in_per_value"][worst], worst
     retain_groups = [g for g in ("retain_in", "retain_cross") if g in es.groups]
     m["clip_forget"] = clip_score(clip, by_group["forget"], es.groups["forget"])
     retain_images = torch.cat([by_group[g] for g in retain_groups])
@@ -354,8 +373,8 @@ def save_and_report(folder: Path, models: common.Models, ps: common.PromptSet, u
 def format_table(metrics: dict) -> str:
     """A short markdown before/after table with the number of images behind each figure."""
     cols = [("ua", "UA"), ("ua_synonym", "synonym UA"), ("retain_in", "retain (in)"),
-            ("retain_cross", "retain (cross)"), ("clip_forget", "CLIP forget"),
-            ("clip_retain", "CLIP retain"), ("fd_clip", "FD-CLIP")]
+            ("retain_in_worst", "worst in-domain value"), ("retain_cross", "retain (cross)"),
+            ("clip_forget", "CLIP forget"), ("clip_retain", "CLIP retain"), ("fd_clip", "FD-CLIP")]
     rows = [("base", metrics["base"])] + ([("unlearned", metrics["unlearned"])] if "unlearned" in metrics else [])
     return _table(rows, cols) + "\n" + _footer(metrics)
 
@@ -363,7 +382,7 @@ def format_table(metrics: dict) -> str:
 def _fmt(key, v):
     if v is None or (isinstance(v, float) and np.isnan(v)):
         return "-"
-    return f"{v:.1%}" if key in ("ua", "ua_synonym", "retain_in", "retain_cross") else f"{v:.2f}"
+    return f"{v:.1%}" if key in ("ua", "ua_synonym", "retain_in", "retain_in_worst", "retain_cross") else f"{v:.2f}"
 
 
 def _table(rows, cols) -> str:
@@ -373,10 +392,24 @@ def _table(rows, cols) -> str:
     return "\n".join(lines)
 
 
+AGREEMENT_WARNING = 0.90  # below this share of agreement between the two toy judges, say so
+
+
 def _footer(metrics: dict) -> str:
-    return (f"{metrics['n_forget_images']} images per group (forget, synonym, retain in-domain, "
+    text = (f"{metrics['n_forget_images']} images per group (forget, synonym, retain in-domain, "
             f"retain cross-domain), seed {metrics['seed']}; judge: {metrics['judge']}; "
             f"CLIP: {metrics['clip_model']}.")
+    for model in ("base", "unlearned"):
+        agree = metrics.get(model, {}).get("judge_agreement")
+        if not agree:
+            continue
+        text += f"\nThe two toy judges agree on {model} images: " + ", ".join(
+            f"{g.replace('_', ' ')} {a:.0%}" for g, a in agree.items()) + "."
+        low = [g.replace("_", " ") for g, a in agree.items() if a < AGREEMENT_WARNING]
+        if low:
+            text += (f"\nWARNING: on the {model} model's {', '.join(low)} images the judges agree on less "
+                     f"than {AGREEMENT_WARNING:.0%}: the judge's figures there are uncertain; look at the images.")
+    return text
 
 
 def _finished_runs(runs: list[Path]) -> list[tuple[Path, dict, dict]]:
@@ -419,8 +452,9 @@ def compare(runs: list[Path], grid_path: Path, n_seeds: int = 2) -> str:
     columns = base + each run, same seeds)."""
     infos = _finished_runs(runs)
     cols = [("ua", "UA"), ("ua_synonym", "synonym UA"), ("retain_in", "retain (in)"),
-            ("retain_cross", "retain (cross)"), ("clip_forget", "CLIP forget"),
-            ("clip_retain", "CLIP retain"), ("fd_clip", "FD-CLIP"), ("wall_time_s", "wall time (s)")]
+            ("retain_in_worst", "worst in-domain value"), ("retain_cross", "retain (cross)"),
+            ("clip_forget", "CLIP forget"), ("clip_retain", "CLIP retain"), ("fd_clip", "FD-CLIP"),
+            ("wall_time_s", "wall time (s)")]
     rows = [("base", infos[0][1]["base"])]
     for r, m, _ in infos:
         rows.append((r.name, {**m["unlearned"], "wall_time_s": m.get("wall_time_s")}))

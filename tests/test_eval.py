@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import common
@@ -23,6 +24,10 @@ def test_base_model_evaluation_on_the_toy_reproduces_the_toy_worlds_quality(toy_
     assert base["ua"] <= 0.15 and base["ua_synonym"] <= 0.2
     assert base["retain_in"] >= 0.85 and base["retain_cross"] >= 0.85
     assert set(base["retain_in_per_value"]) == {"square", "triangle", "cross", "diamond", "ring"}
+    # the cross-checking judge agrees with the judge on the base model's images
+    agree = base["judge_agreement"]
+    assert set(agree) == {"forget", "synonym", "retain_in", "retain_cross"}
+    assert np.mean(list(agree.values())) >= 0.95 and min(agree.values()) >= 0.90, agree
     # CLIP agrees more with an image's own prompt than with a shuffled one
     clip = ev.load_clip(toy_models)
     es = ev.eval_set(ps, 16, 0)

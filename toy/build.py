@@ -7,7 +7,8 @@ Trains, in order, and saves in standard formats under toy/:
   4. a UNet2DConditionModel on 8x8x4 latents, cross-attending to the frozen CLIP text states,
      SD's scheduler (1000 steps, scaled-linear 0.00085..0.012, epsilon), EMA weights
                                                                     -> pipeline/unet
-  5. the judge (toy/judge.py), a CNN with shape / colour / texture heads -> judge/
+  5. two judges (toy/judge.py), CNNs with shape / colour / texture heads, trained on clean and
+     deliberately degraded renders -> judge/ (the one eval reports), judge2/ (cross-check)
   6. snapshot UNets from short continued training with other seeds (for VDU)  -> snapshots/
 then measures the quality figures (judge accuracy, base-model accuracy per value, unconditional
 prior, CLIP retrieval, sampling speed) and writes them with the vocabulary and the recommended
@@ -287,27 +288,100 @@ def train_unet(unet, vae, text, steps: int, device, seed: int, lr: float, desc: 
 # ------------------------------------------------------------------------------------------
 
 def judge_batch(rng, n):
-    """Training data for the judge: half named content so every class is well represented."""
+    """Clean procedural images with labels: 60% named content, so every class is well represented."""
     images, _, labels = world.sample(rng, n, p_named=0.6, drop=False)
     return images, {"shape": labels.shape, "colour": labels.colour, "texture": labels.texture}
 
 
-def train_judge(vae, steps: int, device, seed: int):
+IGNORE = -100  # a label the loss skips: the colour of an image whose colour was altered
+
+
+def hue_rotate(x: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue of images in [0, 1] (n, 3, h, w) by `degrees` (n,), about the grey axis."""
+    a = torch.deg2rad(degrees).view(-1, 1, 1)
+    k = torch.full((3,), 3 ** -0.5)
+    cross = torch.tensor([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    rot = torch.cos(a) * torch.eye(3) + torch.sin(a) * cross + (1 - torch.cos(a)) * torch.outer(k, k)  # Rodrigues
+    mean = x.mean(dim=1, keepdim=True)
+    return (torch.einsum("nij,njhw->nihw", rot, x - mean) + mean).clamp(0, 1)
+
+
+def degrade(x: torch.Tensor, labels: dict, g: torch.Generator) -> torch.Tensor:
+    """The images unlearned models draw, made on purpose: random colour changes (pale, low
+    contrast, desaturated, hue-shifted, off-palette via a channel shuffle), blur and noise, on
+    images in [-1, 1]. A colour change sets the colour label to IGNORE: the shape and texture
+    heads must answer for the form alone; the colour head learns only from unaltered colours."""
+    n = len(x)
+    u = lambda: torch.rand(n, generator=g)  # noqa: E731
+    v = (x + 1) / 2
+    kind = torch.randint(0, 6, (n,), generator=g)  # 0: no colour change
+    changed = (kind > 0) & (u() < 0.55)
+    s = u().view(-1, 1, 1, 1)
+    grey = v.mean(dim=1, keepdim=True)
+    pale = v + (0.2 + 0.65 * s) * (1 - v)                                  # toward white
+    low = v.mean(dim=(1, 2, 3), keepdim=True) + (0.2 + 0.7 * s) * (v - v.mean(dim=(1, 2, 3), keepdim=True))
+    desat = grey + (0.6 * s) * (v - grey)                                   # 40-100% desaturated
+    hue = hue_rotate(v, 30 + 300 * u())
+    shuffle = v[:, torch.randperm(3, generator=g)]
+    options = torch.stack([v, pale, low, desat, hue, shuffle])              # (6, n, 3, h, w)
+    v = torch.where(changed.view(-1, 1, 1, 1), options[kind, torch.arange(n)], v)
+    labels["colour"] = torch.where(changed, torch.full_like(labels["colour"], IGNORE), labels["colour"])
+    # blur: a 3x3 box or a Gaussian of sigma 0.5-1.2, on 35% of images
+    blur = u() < 0.35
+    if blur.any():
+        sigma = 0.5 + 0.7 * torch.rand(1, generator=g).item()
+        r = torch.arange(-2, 3, dtype=torch.float32)
+        k1 = torch.exp(-r ** 2 / (2 * sigma ** 2)) if torch.rand(1, generator=g) < 0.5 else (r.abs() <= 1).float()
+        k2 = torch.outer(k1, k1) / k1.sum() ** 2
+        blurred = F.conv2d(F.pad(v, (2, 2, 2, 2), mode="replicate"), k2.expand(3, 1, 5, 5), groups=3)
+        v = torch.where(blur.view(-1, 1, 1, 1), blurred, v)
+    # Gaussian noise of std 0-0.125 in [0, 1] units (0-0.25 in [-1, 1]), on 35% of images
+    noisy = (u() < 0.35).float().view(-1, 1, 1, 1)
+    v = v + noisy * 0.125 * u().view(-1, 1, 1, 1) * torch.randn(v.shape, generator=g)
+    return (v.clamp(0, 1) * 2 - 1)
+
+
+def degenerate(n: int, g: torch.Generator) -> torch.Tensor:
+    """Images that show nothing a caption names, for every head: a blank canvas, a full-frame
+    fill (flat or patterned), or noise; in [-1, 1]."""
+    kind = torch.randint(0, 3, (n,), generator=g)
+    bg = 0.85 + 0.1 * torch.rand(n, 1, 1, 1, generator=g)
+    blank = bg + 0.02 * torch.randn(n, 3, 32, 32, generator=g)
+    colour = torch.rand(n, 3, 1, 1, generator=g)
+    pattern = (torch.rand(n, 1, 32, 32, generator=g) < torch.rand(n, 1, 1, 1, generator=g)).float()
+    fill = torch.where(torch.rand(n, 1, 1, 1, generator=g) < 0.5, colour.expand(n, 3, 32, 32),
+                       pattern * colour + (1 - pattern) * bg)
+    noise = torch.rand(n, 3, 32, 32, generator=g)
+    v = torch.where(kind.view(-1, 1, 1, 1) == 0, blank, torch.where(kind.view(-1, 1, 1, 1) == 1, fill, noise))
+    return v.clamp(0, 1) * 2 - 1
+
+
+def train_judge(vae, steps: int, device, seed: int, arch: str = "cnn", batch: int = 128, desc: str = "5/6 judge"):
+    """One judge on fresh procedural images each step: a quarter through the VAE (the softness
+    of generated images), about half with their colour changed, some blurred or noisy, and 1 in
+    10 degenerate (labelled "other" by every head)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 5])
-    judge = Judge({h: world.vocabulary()["classes"][h] for h in HEADS}).to(device).train()
+    g = torch.Generator().manual_seed(seed)
+    classes = {h: world.vocabulary()["classes"][h] for h in HEADS}
+    judge = Judge(classes, arch=arch).to(device).train()
     opt = torch.optim.AdamW(judge.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = cosine_lr(opt, steps)
-    bar = tqdm(range(steps), desc="5/6 judge", mininterval=5)
+    other = {h: len(classes[h]) - 1 for h in HEADS}
+    n_bad = batch // 10
+    bar = tqdm(range(steps), desc=desc, mininterval=5)
     for step in bar:
-        images, labels = judge_batch(rng, 128)
-        x = torch.from_numpy(images).to(device)
-        # Half the batch goes through the VAE, so the judge sees the kind of softness that
-        # generated images have, not only crisp procedural pixels.
+        images, labels = judge_batch(rng, batch - n_bad)
+        x = torch.from_numpy(images)
+        labels = {h: torch.from_numpy(labels[h]) for h in HEADS}
         with torch.no_grad():
-            x[:64] = vae.decode(vae.encode(x[:64]).latent_dist.mode()).sample.clamp(-1, 1)
-        logits = judge(x)
-        loss = sum(F.cross_entropy(logits[h], torch.from_numpy(labels[h]).to(device)) for h in HEADS)
+            k = len(x) // 4
+            x[:k] = vae.decode(vae.encode(x[:k].to(device)).latent_dist.mode()).sample.clamp(-1, 1).cpu()
+        x = degrade(x, labels, g)
+        x = torch.cat([x, degenerate(n_bad, g)])
+        labels = {h: torch.cat([labels[h], torch.full((n_bad,), other[h])]) for h in HEADS}
+        logits = judge(x.to(device))
+        loss = sum(F.cross_entropy(logits[h], labels[h].to(device), ignore_index=IGNORE) for h in HEADS)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -315,6 +389,18 @@ def train_judge(vae, steps: int, device, seed: int):
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
     return judge.eval().requires_grad_(False)
+
+
+def build_judges(folder: Path, vae, steps: int, device, seed: int) -> dict:
+    """The judge (arch resnet) and the cross-checking judge2 (arch cnn, another seed) into folder.
+    (The resnet is the judge: the cnn called a third of the base model's crosses rings,
+    docs/toy_world.md.)"""
+    timings = {}
+    for name, arch, s in (("judge", "resnet", seed + 100), ("judge2", "cnn", seed)):
+        t0 = time.time()
+        train_judge(vae, steps, device, s, arch, desc=f"{name} ({arch})").save(folder / name)
+        timings[name] = time.time() - t0
+    return timings
 
 
 # ------------------------------------------------------------------------------------------
@@ -359,6 +445,11 @@ def quality(folder: Path, device, n_per_value: int = 32, n_uncond: int = 256, se
     images = generate(pipe, prompts, seed)
     log(f"sampled {len(prompts)} images in {time.time() - t0:.1f}s")
     pred = judge.predict(images)
+    if (folder / "judge2").exists():  # how often the cross-checking judge gives the same answer
+        pred2 = load_judge(folder / "judge2", device).predict(images)
+        heads = torch.tensor([HEADS.index(kind.split("_")[0]) for kind, _, _ in jobs]).repeat_interleave(n_per_value)
+        same = torch.stack([pred[h] == pred2[h] for h in HEADS], 1)[torch.arange(len(heads)), heads]
+        figures["judges_agree_base"] = float(same.float().mean())
     for j, (kind, value, prompt) in enumerate(jobs):
         head = kind.split("_")[0]
         p = pred[head][j * n_per_value:(j + 1) * n_per_value]
@@ -405,6 +496,8 @@ def summarize(fig) -> str:
         detail = ", ".join(f"{k} {a:.0%}" for k, a in v.items())
         rows.append(f"| base {kind.replace('_', ' ')} accuracy: mean (min) | "
                     f"{np.mean(list(v.values())):.1%} ({min(v.values()):.0%}): {detail} |")
+    if "judges_agree_base" in fig:
+        rows.append(f"| the two judges agree on base-model images (per-value prompts) | {fig['judges_agree_base']:.1%} |")
     u = fig["uncond_share"]
     rows.append(f"| unconditional samples showing a named value: max | {max(u.values()):.1%} "
                 f"({', '.join(f'{k} {a:.1%}' for k, a in u.items())}) |")
@@ -448,6 +541,8 @@ def main():
     parser.add_argument("--grid", default=str(HERE.parent / "docs" / "toy_world.png"),
                         help="where to save the picture of base-model samples")
     parser.add_argument("--only-quality", action="store_true", help="skip training, re-measure")
+    parser.add_argument("--only-judges", action="store_true",
+                        help="retrain only the two judges (judge/, judge2/) on the committed VAE, then re-measure")
     args = parser.parse_args()
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel
@@ -456,7 +551,18 @@ def main():
     device = torch.device(args.device)
     steps = {k: max(2, int(v * args.scale)) for k, v in STEPS.items()}
     timings = {}
-    if not args.only_quality:
+    if args.only_judges:
+        from diffusers import AutoencoderKL
+        vae = AutoencoderKL.from_pretrained(out / "pipeline", subfolder="vae", torch_dtype=torch.float32)
+        vae = vae.to(device).eval().requires_grad_(False)
+        tmp = out / ".build-tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        timings.update(build_judges(tmp, vae, steps["judge"], device, args.seed + 4))
+        for name in ("judge", "judge2"):
+            shutil.rmtree(out / name, ignore_errors=True)
+            (tmp / name).rename(out / name)
+        shutil.rmtree(tmp)
+    elif not args.only_quality:
         tmp = out / ".build-tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         t0 = time.time()
@@ -492,10 +598,7 @@ def main():
         load_as_float32(tmp / "pipeline" / "text_encoder" / "config.json")
         load_as_float32(tmp / "clip" / "config.json")
 
-        t0 = time.time()
-        judge = train_judge(vae, steps["judge"], device, args.seed + 4)
-        judge.save(tmp / "judge")
-        timings["judge"] = time.time() - t0
+        timings.update(build_judges(tmp, vae, steps["judge"], device, args.seed + 4))
 
         t0 = time.time()
         base_state = {k: v.clone() for k, v in unet.state_dict().items()}
@@ -507,7 +610,7 @@ def main():
             half(snap).save_pretrained(tmp / "snapshots" / f"unet-{k + 1}")
         timings["snapshots"] = time.time() - t0
 
-        for name in ("pipeline", "clip", "judge", "snapshots"):
+        for name in ("pipeline", "clip", "judge", "judge2", "snapshots"):
             shutil.rmtree(out / name, ignore_errors=True)
             (tmp / name).rename(out / name)
         shutil.rmtree(tmp)
@@ -522,8 +625,12 @@ def main():
                   "torch": torch.__version__, "threads": torch.get_num_threads()},
         "quality": figures,
     }
-    if args.only_quality and (out / "toy.json").exists():
+    if (args.only_quality or args.only_judges) and (out / "toy.json").exists():
         info["build"] = json.loads((out / "toy.json").read_text())["build"]
+        if args.only_judges:  # the rest of the build is as it was; the judges are new
+            info["build"]["seconds"].update({k: timings[k] for k in ("judge", "judge2")})
+            info["build"]["seconds"].pop("judge_stage_note", None)
+            info["build"]["steps"]["judge"] = steps["judge"]
     (out / "toy.json").write_text(json.dumps(info, indent=1))
     print(summarize(figures))
     print(f"timings (s): {json.dumps({k: round(v) for k, v in timings.items()})}")
