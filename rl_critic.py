@@ -362,7 +362,7 @@ def policy_update(args: Args, models: common.Models, unet_ref, params, opt, roll
             total.backward()
             torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
             opt.step()
-            stats.update({name: float(v) for name, v in terms.items()})
+            stats.update({name: v.item() for name, v in terms.items()})
     return stats
 
 
