@@ -19,7 +19,6 @@ import math
 import os
 import platform
 import random
-import re
 import shutil
 import signal
 import sys
@@ -47,8 +46,10 @@ class UsageError(Exception):
 # ---------------------------------------------------------------------------------------------
 
 def arg(default, help: str, check: str | None = None, **kwargs):
-    """A dataclass field with a help string, an optional range `check` for numbers (see
-    `check_ranges`: ">=1", ">0", ">=0", "(0,1)", "(0,1]", "[0,1]", ...) and optional argparse `choices`."""
+    """A dataclass field with a help string, an optional range `check` for numbers (a key of
+    RANGES: ">=1", ">0", "(0,1)", ...) and optional argparse `choices`."""
+    if check is not None and check not in RANGES:
+        raise ValueError(f"unknown range check {check!r}: use one of {', '.join(RANGES)}")
     meta = {"help": help, **kwargs, **({"check": check} if check else {})}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
@@ -91,19 +92,16 @@ def fill_defaults(args, defaults: dict) -> None:
             setattr(args, key, value)
 
 
-def _in_range(value: float, check: str) -> tuple[bool, str]:
-    """Whether `value` satisfies `check` (">=1", ">0", "(0,1]", ...) and the range in words."""
-    m = re.fullmatch(r"(>=|>)(-?[\d.e+-]+)", check)
-    if m:
-        op, bound = m.group(1), float(m.group(2))
-        words = f"at least {m.group(2)}" if op == ">=" else f"greater than {m.group(2)}"
-        return (value >= bound if op == ">=" else value > bound), words
-    m = re.fullmatch(r"([\[(])(-?[\d.e+-]+),(-?[\d.e+-]+)([\])])", check)
-    if not m:
-        raise ValueError(f"unknown range check {check!r}")
-    lo, hi = float(m.group(2)), float(m.group(3))
-    ok = (value >= lo if m.group(1) == "[" else value > lo) and (value <= hi if m.group(4) == "]" else value < hi)
-    return ok, f"in {m.group(1)}{m.group(2)}, {m.group(3)}{m.group(4)}"
+# The ranges a numeric argument can declare (`arg(..., check=...)`): the test, and the range in words.
+RANGES = {
+    ">=0": (lambda v: v >= 0, "at least 0"),
+    ">=1": (lambda v: v >= 1, "at least 1"),
+    ">=4": (lambda v: v >= 4, "at least 4"),
+    ">0": (lambda v: v > 0, "greater than 0"),
+    "(0,1)": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "(0,1]": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "[0,1]": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+}
 
 
 def check_ranges(args) -> None:
@@ -117,8 +115,8 @@ def check_ranges(args) -> None:
         if not math.isfinite(value):
             raise UsageError(f"{flag} must be a finite number, got {value}.")
         if "check" in f.metadata:
-            ok, words = _in_range(value, f.metadata["check"])
-            if not ok:
+            ok, words = RANGES[f.metadata["check"]]
+            if not ok(value):
                 raise UsageError(f"{flag} must be {words}, got {value}.")
 
 
