@@ -605,6 +605,14 @@ def forget_set(models: Models, ps: PromptSet, n: int, seed: int, image_folder: s
     return x0.to(models.device), prompts, encode_prompts(models, prompts)
 
 
+def retain_set(models: Models, ps: PromptSet, n: int, seed: int):
+    """The retain set: n latents x_0 drawn by the reference model from the retain prompts (cycled)
+    with fixed seeds, disjoint from the forget set's. Returns (x_0, prompts, embeddings)."""
+    prompts = cycle(ps.retain, n)
+    x0 = sample(models, prompts, [seed * 10_000 + 5_000 + i for i in range(n)], decode=False, progress=True).latents
+    return x0.to(models.device), prompts, encode_prompts(models, prompts)
+
+
 def load_image_folder(folder: str, size: int) -> torch.Tensor:
     """A folder of images -> (n, 3, size, size) in [-1, 1] (for user-supplied real forget images)."""
     from PIL import Image

@@ -45,7 +45,8 @@ IMAGENET_INDEX = {"tench": 0, "English springer": 217, "cassette player": 482, "
 # claims no compensation is needed, so its bar is the strictest). The tests, the benchmark and the
 # README all use this one table.
 BAR_UA = 0.90
-BAR_RETAIN_DROP = {"pure": 0.10, "mim_mu": 0.05, "vdu": 0.10, "rl_critic": 0.15}
+BAR_RETAIN_DROP = {"pure": 0.10, "mim_mu": 0.05, "vdu": 0.10, "rl_critic": 0.15,
+                   "esd": 0.15, "salun": 0.15}  # the two baselines: the bar their issue set
 
 
 def meets_bar(method: str, metrics: dict) -> bool:
@@ -237,6 +238,20 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((mu_a - mu_b).pow(2).sum() + torch.trace(s_a + s_b - 2 * cross))
 
 
+def kernel_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """KID: the unbiased squared MMD between two feature sets under the polynomial kernel
+    k(x, y) = (x.y / d + 1)^3 (Binkowski et al. 2018), x 1000. Unlike the Frechet distance it
+    needs no covariance matrix (FD-CLIP from 128 images of 128-dimensional features has singular
+    ones) and has no bias at small samples: two samples of one distribution give 0 on average."""
+    a, b = a.double(), b.double()
+    d, m, n = a.shape[1], len(a), len(b)
+    k_aa, k_bb, k_ab = [(x @ y.T / d + 1) ** 3 for x, y in ((a, a), (b, b), (a, b))]
+    # the diagonals k(x, x) are left out of the within-set means: that is what makes it unbiased
+    within_a = (k_aa.sum() - k_aa.diagonal().sum()) / (m * (m - 1))
+    within_b = (k_bb.sum() - k_bb.diagonal().sum()) / (n * (n - 1))
+    return float(1000 * (within_a + within_b - 2 * k_ab.mean()))
+
+
 @dataclass
 class EvalSet:
     """The evaluation prompts of a concept, each with the seed of its image."""
@@ -250,6 +265,26 @@ class EvalSet:
             prompts += self.groups[g]
             seeds += self.seeds[g]
         return prompts, seeds
+
+
+def forget_fidelity(judge: Judge, images: torch.Tensor, prompts: list[str], toy: dict, kind: str) -> dict:
+    """Toy only. Erasing "circle" from "a red striped circle" should still draw something red and
+    striped. forget_fidelity: of the forget images whose prompt names another attribute (a colour
+    or texture for a shape), the share in which the judge reads every such attribute as prompted.
+    forget_degenerate: the share of all forget images the judge calls "other" on every head (a
+    blank canvas, a smear). UA alone cannot tell these from a clean replacement of the concept."""
+    v = toy["vocabulary"]
+    heads = {k: judge(images, k) for k in ("shape", "colour", "texture")}
+    kept = named = 0
+    for i, prompt in enumerate(prompts):
+        words = prompt.lower().split()
+        asked = {k: w for k in heads if k != kind for w in v[k] if w in words}
+        if asked:
+            named += 1
+            kept += all(heads[k][i] == w for k, w in asked.items())
+    degenerate = [all(heads[k][i] == "other" for k in heads) for i in range(len(prompts))]
+    return {"forget_fidelity": kept / named if named else float("nan"),
+            "forget_degenerate": float(np.mean(degenerate))}
 
 
 def eval_set(ps: common.PromptSet, n: int, seed: int) -> EvalSet:
@@ -306,6 +341,8 @@ def evaluate(models: common.Models, unet, es: EvalSet, judge: Judge, clip: Clip,
                 # the worst-hit in-domain value: the neighbour a method damaged most
                 worst = min(m["retain_in_per_value"], key=m["retain_in_per_value"].get)
                 m["retain_in_worst"], m["retain_in_worst_value"] = m["retain_in_per_value"][worst], worst
+    if models.is_toy:
+        m.update(forget_fidelity(judge, by_group["forget"], es.groups["forget"], models.toy, es.targets["forget"][0][0]))
     retain_groups = [g for g in ("retain_in", "retain_cross") if g in es.groups]
     m["clip_forget"] = clip_score(clip, by_group["forget"], es.groups["forget"])
     retain_images = torch.cat([by_group[g] for g in retain_groups])
@@ -344,6 +381,7 @@ def report(models: common.Models, ps: common.PromptSet, unet=None, base_unet=Non
     if unet is not None:
         new_m, new_imgs, new_feats = evaluate(models, unet, es, judge, clip, ps.concept, candidates)
         new_m["fd_clip"] = frechet_distance(new_feats, base_feats)
+        new_m["kid_clip"] = kernel_distance(new_feats, base_feats)
         out["unlearned"] = new_m
         if grid_path:
             before_after(base_imgs, new_imgs, es, grid_path)
@@ -374,7 +412,9 @@ def format_table(metrics: dict) -> str:
     """A short markdown before/after table with the number of images behind each figure."""
     cols = [("ua", "UA"), ("ua_synonym", "synonym UA"), ("retain_in", "retain (in)"),
             ("retain_in_worst", "worst in-domain value"), ("retain_cross", "retain (cross)"),
-            ("clip_forget", "CLIP forget"), ("clip_retain", "CLIP retain"), ("fd_clip", "FD-CLIP")]
+            ("forget_fidelity", "forget fidelity"), ("forget_degenerate", "degenerate"),
+            ("clip_forget", "CLIP forget"), ("clip_retain", "CLIP retain"), ("fd_clip", "FD-CLIP"),
+            ("kid_clip", "KID-CLIP x1000")]
     rows = [("base", metrics["base"])] + ([("unlearned", metrics["unlearned"])] if "unlearned" in metrics else [])
     return _table(rows, cols) + "\n" + _footer(metrics)
 
@@ -382,7 +422,8 @@ def format_table(metrics: dict) -> str:
 def _fmt(key, v):
     if v is None or (isinstance(v, float) and np.isnan(v)):
         return "-"
-    return f"{v:.1%}" if key in ("ua", "ua_synonym", "retain_in", "retain_in_worst", "retain_cross") else f"{v:.2f}"
+    percent = ("ua", "ua_synonym", "retain_in", "retain_in_worst", "retain_cross", "forget_fidelity", "forget_degenerate")
+    return f"{v:.1%}" if key in percent else f"{v:.2f}"
 
 
 def _table(rows, cols) -> str:

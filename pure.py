@@ -92,10 +92,8 @@ def make_data(args: Args, models: common.Models, ps: common.PromptSet):
     """Forget and retain sets: latents x_0 with their prompt embeddings, drawn once by the
     reference model with fixed seeds ("negative-only": no paired safe image is needed)."""
     x0_f, _, c_f = common.forget_set(models, ps, args.n_forget, args.seed, args.forget_images)
-    retain_prompts = common.cycle(ps.retain, args.n_retain)
-    x0_r = common.sample(models, retain_prompts, [args.seed * 10_000 + 5_000 + i for i in range(args.n_retain)],
-                         decode=False, progress=True).latents
-    return dict(x0_f=x0_f, c_f=c_f, x0_r=x0_r.to(models.device), c_r=common.encode_prompts(models, retain_prompts))
+    x0_r, _, c_r = common.retain_set(models, ps, args.n_retain, args.seed)
+    return dict(x0_f=x0_f, c_f=c_f, x0_r=x0_r, c_r=c_r)
 
 
 # --- Loss ---

@@ -286,7 +286,8 @@ def test_bad_numbers_on_a_method_command_line_exit_2_with_one_sentence():
 
 
 @pytest.mark.parametrize("script", ["pure.py", "mim_mu.py", "vdu.py", "rl_critic.py", "eval.py",
-                                    "benchmarks/compare_toy.py", "benchmarks/sampling_speed.py",
+                                    "baselines/esd.py", "baselines/salun.py",
+                                    "benchmarks/compare_toy.py", "benchmarks/search_toy.py", "benchmarks/sampling_speed.py",
                                     "benchmarks/sd_memory.py", "benchmarks/probes/exploration_by_guidance.py",
                                     "benchmarks/probes/critic_input_ablation.py",
                                     "benchmarks/probes/gradient_agreement_by_step.py",

@@ -28,6 +28,8 @@ def test_base_model_evaluation_on_the_toy_reproduces_the_toy_worlds_quality(toy_
     agree = base["judge_agreement"]
     assert set(agree) == {"forget", "synonym", "retain_in", "retain_cross"}
     assert np.mean(list(agree.values())) >= 0.95 and min(agree.values()) >= 0.90, agree
+    # the base model draws the other attributes its forget prompts name, and nothing degenerate
+    assert base["forget_fidelity"] >= 0.85 and base["forget_degenerate"] <= 0.05
     # CLIP agrees more with an image's own prompt than with a shuffled one
     clip = ev.load_clip(toy_models)
     es = ev.eval_set(ps, 16, 0)
@@ -71,3 +73,40 @@ def test_compare_on_two_tiny_saved_runs_writes_the_table_and_the_grid(tmp_path):
     # a folder that is not a finished run: one sentence, no traceback
     r2 = run_script("eval.py", "--compare", runs[0], tmp_path / "nowhere", "--device", "cpu")
     assert r2.returncode == 2 and "is not a finished run" in r2.stderr and "Traceback" not in r2.stderr
+
+
+def test_kernel_distance_is_unbiased_and_matches_a_loop():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(7, 3, generator=g).double(), torch.randn(5, 3, generator=g).double() + 0.5
+
+    def k(x, y):
+        return (float(x @ y) / 3 + 1) ** 3
+    within_a = sum(k(a[i], a[j]) for i in range(7) for j in range(7) if i != j) / 42
+    within_b = sum(k(b[i], b[j]) for i in range(5) for j in range(5) if i != j) / 20
+    cross = sum(k(a[i], b[j]) for i in range(7) for j in range(5)) / 35
+    assert abs(ev.kernel_distance(a, b) - 1000 * (within_a + within_b - 2 * cross)) < 1e-6
+    # two samples of one distribution: 0 on average (FD is biased upwards at this sample size)
+    same = [ev.kernel_distance(torch.randn(64, 16, generator=g), torch.randn(64, 16, generator=g)) for _ in range(40)]
+    fd = [ev.frechet_distance(torch.randn(64, 16, generator=g), torch.randn(64, 16, generator=g)) for _ in range(40)]
+    shifted = ev.kernel_distance(torch.randn(64, 16, generator=g), torch.randn(64, 16, generator=g) + 0.5)
+    assert abs(np.mean(same)) < 3 * np.std(same) / np.sqrt(40) and shifted > 10 * np.std(same)
+    assert np.mean(fd) > 10 * np.std(fd) / np.sqrt(40)
+
+
+def test_forget_fidelity_reads_the_other_attributes_and_counts_degenerate_images(toy_models):
+    from toy import world
+    judge = ev.Judge(toy_models)
+    rng = np.random.default_rng(0)
+    prompts = ["a red circle", "a striped circle", "a blue dotted circle", "a circle"]
+    values = [{"shape": "circle", "colour": "red"}, {"shape": "circle", "texture": "striped"},
+              {"shape": "circle", "colour": "blue", "texture": "dotted"}, {"shape": "circle"}]
+    drawn = torch.from_numpy(np.concatenate([world.render(v, 1, rng) for v in values]))
+    assert ev.forget_fidelity(judge, drawn, prompts, toy_models.toy, "shape") == {
+        "forget_fidelity": 1.0, "forget_degenerate": 0.0}
+    # the concept replaced by another shape, the other attributes kept: still faithful
+    square = torch.from_numpy(np.concatenate([world.render({**v, "shape": "square"}, 1, rng) for v in values]))
+    assert ev.forget_fidelity(judge, square, prompts, toy_models.toy, "shape")["forget_fidelity"] == 1.0
+    # a blank canvas: nothing the prompt asked for, and degenerate on every head
+    blank = torch.full((4, 3, 32, 32), 0.76)
+    m = ev.forget_fidelity(judge, blank, prompts, toy_models.toy, "shape")
+    assert m == {"forget_fidelity": 0.0, "forget_degenerate": 1.0}
