@@ -240,7 +240,7 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def kernel_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     """KID: the unbiased squared MMD between two feature sets under the polynomial kernel
-    k(x, y) = (x.y / d + 1)^3 (Binkowski et al. 2018), x 1000. Unlike the Frechet distance it
+    k(x, y) = (x.y / d + 1)^3 (Binkowski et al. 2018). Unlike the Frechet distance it
     needs no covariance matrix (FD-CLIP from 128 images of 128-dimensional features has singular
     ones) and has no bias at small samples: two samples of one distribution give 0 on average."""
     a, b = a.double(), b.double()
@@ -249,7 +249,7 @@ def kernel_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     # the diagonals k(x, x) are left out of the within-set means: that is what makes it unbiased
     within_a = (k_aa.sum() - k_aa.diagonal().sum()) / (m * (m - 1))
     within_b = (k_bb.sum() - k_bb.diagonal().sum()) / (n * (n - 1))
-    return float(1000 * (within_a + within_b - 2 * k_ab.mean()))
+    return float(within_a + within_b - 2 * k_ab.mean())
 
 
 @dataclass
@@ -414,7 +414,7 @@ def format_table(metrics: dict) -> str:
             ("retain_in_worst", "worst in-domain value"), ("retain_cross", "retain (cross)"),
             ("forget_fidelity", "forget fidelity"), ("forget_degenerate", "degenerate"),
             ("clip_forget", "CLIP forget"), ("clip_retain", "CLIP retain"), ("fd_clip", "FD-CLIP"),
-            ("kid_clip", "KID-CLIP x1000")]
+            ("kid_clip", "KID-CLIP")]
     rows = [("base", metrics["base"])] + ([("unlearned", metrics["unlearned"])] if "unlearned" in metrics else [])
     return _table(rows, cols) + "\n" + _footer(metrics)
 

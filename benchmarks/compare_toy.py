@@ -1,17 +1,31 @@
-"""Reproduces docs/results.md and docs/compare.png: every method with its default toy settings on
-every shape and texture concept (seed 0), one table per method and the averages.
+"""The toy benchmark: every method and both baselines x the 6 shapes and 4 textures x seeds 0, 1, 2,
+each with its default toy settings, reported with 95% intervals and each paper's claims checked.
 
-    python benchmarks/compare_toy.py                       # all four methods, all 10 concepts
-    python benchmarks/compare_toy.py --methods pure --quick  # one method, circle + striped
+    python benchmarks/compare_toy.py                      # run what is missing, then write the docs
+    python benchmarks/compare_toy.py --report-only        # rewrite the docs from the records alone
+    python benchmarks/compare_toy.py --methods pure esd --concepts circle --seeds 0   # a slice
 
-Resumes: a run whose outputs/<method>-<concept>/metrics.json exists is reused, not recomputed.
-Writes a markdown report (per-concept tables and per-method averages) to --results, with the
-date, the machine and the command. Each run's console output goes to outputs/<run>.log.
+How a comparison is kept fair and resumable:
+- for a (concept, seed), every method is evaluated on the same prompts and evaluation seeds
+  (eval.eval_set), and the base model's evaluation is computed once and reused by every method;
+- a method runs as its own command line (`python <script> --model toy --concept C --seed S
+  --n-eval-images 0`: train and save only), then its saved UNet is evaluated here, which gives the
+  same figures the method's own report would (same weights, prompts and seeds);
+- every run leaves a small record, benchmarks/records/<method>/<concept>-seed<S>.json (every
+  metric, the run's arguments, wall time, the commit), and each base evaluation one in
+  benchmarks/records/base/. Records are committed: a run whose record exists is never redone, so
+  the benchmark resumes on any machine, and `--report-only` rebuilds docs/results.md,
+  docs/claims.md and docs/tradeoff.png from the records without training.
+
+Intervals: a t-interval over the runs (mean +- t_{0.975, n-1} sd / sqrt(n)), the same everywhere;
+a claim's interval is the t-interval of the paired differences over the (concept, seed) units both
+methods share.
 """
 
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import subprocess
@@ -28,112 +42,520 @@ import common  # noqa: E402
 import eval as evaluation  # noqa: E402
 from toy import world  # noqa: E402
 
-METHODS = ["pure", "mim_mu", "vdu", "rl_critic"]
-COLS = [("ua", "UA"), ("ua_synonym", "synonym UA"), ("retain_in", "retain in"), ("retain_cross", "retain cross"),
-        ("clip_forget", "CLIP forget"), ("clip_retain", "CLIP retain"), ("fd_clip", "FD-CLIP"),
-        ("wall_time_s", "wall time (s)")]
+# the method (or baseline) name -> its script and its name in tables
+METHODS = {"pure": ("pure.py", "PURE"), "mim_mu": ("mim_mu.py", "MiM-MU"), "vdu": ("vdu.py", "VDU"),
+           "rl_critic": ("rl_critic.py", "CGRU"), "esd": ("baselines/esd.py", "ESD (baseline)"),
+           "salun": ("baselines/salun.py", "SalUn (baseline)")}
+# variants that only a claim needs: name -> (method, extra arguments)
+VARIANTS = {"pure_100_steps": ("pure", ["--steps", "100"])}
+CONCEPTS = world.SHAPES + world.TEXTURES
+SEEDS = [0, 1, 2]
+N_IMAGES = 64
+RECORDS = ROOT / "benchmarks" / "records"
+WORK = ROOT / "outputs" / "benchmark"
+
+# ---------------------------------------------------------------------------------------------
+# Running: base evaluations and method runs, each leaving a record
+# ---------------------------------------------------------------------------------------------
 
 
-def fmt(key, v):
-    if v is None:
-        return "-"
-    return f"{v:.0%}" if key in ("ua", "ua_synonym", "retain_in", "retain_cross") else f"{v:.1f}"
+def record_path(name: str, concept: str, seed: int) -> Path:
+    return RECORDS / name / f"{concept}-seed{seed}.json"
 
 
-def run(method: str, concept: str, outputs: Path, extra: list[str], reuse_only: bool = False) -> dict:
-    out = outputs / f"{method}-{concept}"
-    if (out / "metrics.json").exists():
-        return json.loads((out / "metrics.json").read_text())
-    if reuse_only:
-        return {}
-    log = outputs / f"{method}-{concept}.log"
-    cmd = [sys.executable, f"{method}.py", "--model", "toy", "--concept", concept, "--output-dir", str(out),
-           "--overwrite", *extra]
-    t0 = time.time()
+def commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return head + ("+changes" if dirty else "") if head else "unknown"
+    except OSError:
+        return "unknown"
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Written whole or not at all (a temporary file renamed), so an interruption leaves no half record."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    tmp.rename(path)
+
+
+class Evaluator:
+    """The toy model, judge and CLIP loaded once; base evaluations cached per (concept, seed)."""
+
+    def __init__(self):
+        self.models = common.load_models("toy", torch.device("cpu"))
+        self.clip = evaluation.load_clip(self.models)
+        self.judge = evaluation.Judge(self.models, self.clip)
+        self._base = {}
+
+    def eval_set(self, concept: str, seed: int):
+        ps = common.concept_prompts(concept, self.models)
+        return ps, evaluation.eval_set(ps, N_IMAGES, seed)
+
+    def base(self, concept: str, seed: int) -> tuple[dict, torch.Tensor]:
+        """The base model's metrics (record) and retain-image CLIP features (cached in outputs/)."""
+        if (concept, seed) in self._base:
+            return self._base[(concept, seed)]
+        path, feats_path = record_path("base", concept, seed), WORK / f"base-{concept}-seed{seed}.pt"
+        if path.exists() and feats_path.exists():
+            out = json.loads(path.read_text())["metrics"], torch.load(feats_path)
+        else:
+            ps, es = self.eval_set(concept, seed)
+            t0 = time.time()
+            m, _, feats = evaluation.evaluate(self.models, self.models.unet, es, self.judge, self.clip, ps.concept)
+            # the noise floor of the image-quality figures: the base model against itself, on the
+            # same retain prompts with other seeds (a perfect method would score this)
+            groups = [g for g in ("retain_in", "retain_cross") if g in es.groups]
+            prompts = [p for g in groups for p in es.groups[g]]
+            seeds = [s + 250_000 for g in groups for s in es.seeds[g]]
+            again = self.clip.image_features(common.sample(self.models, prompts, seeds).images)
+            m["fd_clip_floor"] = evaluation.frechet_distance(again, feats)
+            m["kid_clip_floor"] = evaluation.kernel_distance(again, feats)
+            feats_path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(feats, feats_path)
+            if not path.exists():  # a recomputed base (new machine) leaves the committed record alone
+                write_json(path, {"concept": concept, "seed": seed, "n_images": N_IMAGES, "commit": commit(),
+                                  "eval_time_s": round(time.time() - t0, 1), "metrics": m})
+            out = m, feats
+        self._base[(concept, seed)] = out
+        return out
+
+    def unlearned(self, unet_folder: Path, concept: str, seed: int) -> tuple[dict, float]:
+        ps, es = self.eval_set(concept, seed)
+        _, base_feats = self.base(concept, seed)
+        t0 = time.time()
+        unet = common.load_unet(unet_folder, self.models.device)
+        m, _, feats = evaluation.evaluate(self.models, unet, es, self.judge, self.clip, ps.concept)
+        m["fd_clip"] = evaluation.frechet_distance(feats, base_feats)
+        m["kid_clip"] = evaluation.kernel_distance(feats, base_feats)
+        return m, time.time() - t0
+
+
+def run_method(name: str, concept: str, seed: int, ev: Evaluator) -> dict | None:
+    """Train one method (or variant) on one (concept, seed), evaluate it, write its record."""
+    method, extra = VARIANTS.get(name, (name, []))
+    script = METHODS[method][0]
+    out, log = WORK / f"{name}-{concept}-seed{seed}", WORK / f"{name}-{concept}-seed{seed}.log"
+    cmd = [sys.executable, script, "--model", "toy", "--concept", concept, "--seed", str(seed),
+           "--n-eval-images", "0", "--output-dir", str(out), "--overwrite", *extra]
+    out.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
         r = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
     if r.returncode != 0:
-        print(f"  {method} {concept}: FAILED after {time.time() - t0:.0f}s, see {log}")
-        return {}
-    m = json.loads((out / "metrics.json").read_text())
-    u = m["unlearned"]
-    print(f"  {method} {concept}: UA {u['ua']:.0%} (base {m['base']['ua']:.0%}), retain in {u['retain_in']:.0%} "
-          f"(base {m['base']['retain_in']:.0%}), {m['wall_time_s']:.0f}s")
-    return m
+        print(f"  {name} {concept} seed {seed}: FAILED, see {log}")
+        return None
+    run = json.loads((out / "run.json").read_text())
+    base, _ = ev.base(concept, seed)
+    m, eval_time = ev.unlearned(out / "unet", concept, seed)
+    rec = {"method": name, "concept": concept, "seed": seed, "commit": commit(), "n_images": N_IMAGES,
+           "command": " ".join(["python", script, "--model", "toy", "--concept", concept, "--seed", str(seed), *extra]),
+           "args": run["args"], "train_time_s": run["wall_time_s"], "eval_time_s": round(eval_time, 1),
+           # what one standalone run takes, less its base evaluation (the benchmark shares that)
+           "wall_time_s": round(run["wall_time_s"] + eval_time, 1),
+           "base": base, "unlearned": m}
+    write_json(record_path(name, concept, seed), rec)
+    print(f"  {name} {concept} seed {seed}: UA {m['ua']:.0%}, retain in {m['retain_in']:.0%} (base "
+          f"{base['retain_in']:.0%}), worst {m['retain_in_worst_value']} {m['retain_in_worst']:.0%}, "
+          f"{rec['wall_time_s']:.0f}s", flush=True)
+    return rec
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------------
+
+def t_quantile(df: int, p: float = 0.975) -> float:
+    """Student's t quantile: exact for df 1 and 2, else the Cornish-Fisher expansion around the
+    normal quantile (error below 0.004 at df = 3 and 0.001 from df = 5; tested against tables)."""
+    if df == 1:
+        return math.tan(math.pi * (p - 0.5))
+    if df == 2:
+        return (2 * p - 1) / math.sqrt(2 * p * (1 - p))
+    z = {0.975: 1.959963984540054}[p]
+    g1 = (z ** 3 + z) / 4
+    g2 = (5 * z ** 5 + 16 * z ** 3 + 3 * z) / 96
+    g3 = (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / 384
+    g4 = (79 * z ** 9 + 776 * z ** 7 + 1482 * z ** 5 - 1920 * z ** 3 - 945 * z) / 92160
+    return z + g1 / df + g2 / df ** 2 + g3 / df ** 3 + g4 / df ** 4
+
+
+def interval(values: list[float]) -> tuple[float, float, float]:
+    """(mean, low, high): the 95% t-interval of the mean."""
+    v = np.asarray([x for x in values if x is not None and not math.isnan(x)], dtype=float)
+    if len(v) == 0:
+        return float("nan"), float("nan"), float("nan")
+    if len(v) == 1:
+        return float(v[0]), float("nan"), float("nan")
+    half = t_quantile(len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))
+    return float(v.mean()), float(v.mean() - half), float(v.mean() + half)
+
+
+# the figures of a run, in the units the tables print; "drop" = base - unlearned
+def figures(rec: dict) -> dict:
+    u, b = rec["unlearned"], rec["base"]
+    worst = u["retain_in_worst_value"]
+    return {
+        "ua": 100 * u["ua"], "ua_synonym": 100 * u["ua_synonym"], "retain_in": 100 * u["retain_in"],
+        "retain_in_drop": 100 * (b["retain_in"] - u["retain_in"]),
+        "worst_drop": 100 * (b["retain_in_per_value"][worst] - u["retain_in_worst"]),
+        "retain_cross_drop": 100 * (b["retain_cross"] - u["retain_cross"]),
+        "forget_fidelity": 100 * u["forget_fidelity"], "forget_degenerate": 100 * u["forget_degenerate"],
+        "fd_clip": u["fd_clip"], "kid_clip": u["kid_clip"],
+        "clip_forget": u["clip_forget"], "clip_retain": u["clip_retain"], "wall_time_s": rec["wall_time_s"],
+        "meets_bar": float(evaluation.meets_bar(METHODS_BAR.get(rec["method"], rec["method"]), rec)),
+    }
+
+
+METHODS_BAR = {v: m for v, (m, _) in VARIANTS.items()}
+COLUMNS = [("ua", "UA (%)"), ("ua_synonym", "synonym UA (%)"), ("retain_in_drop", "in-domain retain drop (pts)"),
+           ("worst_drop", "worst in-domain value drop (pts)"), ("retain_cross_drop", "cross-domain retain drop (pts)"),
+           ("forget_fidelity", "forget-prompt fidelity (%)"), ("forget_degenerate", "degenerate forget images (%)"),
+           ("kid_clip", "KID-CLIP"), ("fd_clip", "FD-CLIP"), ("clip_forget", "CLIP forget"),
+           ("clip_retain", "CLIP retain"), ("wall_time_s", "wall time (s)")]
+
+
+def load_records() -> dict:
+    """(name, concept, seed) -> record, for every method, baseline and variant record on disk."""
+    out = {}
+    for name in list(METHODS) + list(VARIANTS):
+        for path in sorted((RECORDS / name).glob("*.json")):
+            rec = json.loads(path.read_text())
+            out[(name, rec["concept"], rec["seed"])] = rec
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Claims: each paper's own, checked on the paired (concept, seed) units
+# ---------------------------------------------------------------------------------------------
+
+# (paper, claim, metric, method, against, direction): against is another method's name or a number;
+# direction +1 = the claim says `method` is higher, -1 = lower. A "comparable" claim is checked
+# as "not worse by more than 5 points" (direction +1 against the other method's value - 5).
+CLAIMS = [
+    ("PURE", "outperforms ESD in forgetting (UA)", "ua", "pure", "esd", +1),
+    ("PURE", "outperforms SalUn in forgetting (UA)", "ua", "pure", "salun", +1),
+    ("PURE", "keeps more than ESD (in-domain retain drop)", "retain_in_drop", "pure", "esd", -1),
+    ("PURE", "keeps more than SalUn (in-domain retain drop)", "retain_in_drop", "pure", "salun", -1),
+    ("PURE", "better fidelity than ESD (KID-CLIP)", "kid_clip", "pure", "esd", -1),
+    ("PURE", "better fidelity than SalUn (KID-CLIP)", "kid_clip", "pure", "salun", -1),
+    ("PURE", "almost perfect unlearning in 100 steps (UA above 95%)", "ua", "pure_100_steps", 95.0, +1),
+    ("MiM-MU", "outperforms SalUn in UA", "ua", "mim_mu", "salun", +1),
+    ("MiM-MU", "outperforms SalUn in retain (in-domain retain drop)", "retain_in_drop", "mim_mu", "salun", -1),
+    ("MiM-MU", "its limitation: entangled neighbours degrade (worst-value drop minus mean drop, above 0)",
+     "worst_minus_mean", "mim_mu", 0.0, +1),
+    ("VDU", "better image quality than ESD (KID-CLIP)", "kid_clip", "vdu", "esd", -1),
+    ("VDU", "better image quality than SalUn (KID-CLIP)", "kid_clip", "vdu", "salun", -1),
+    ("VDU", "better image quality than ESD (CLIP retain)", "clip_retain", "vdu", "esd", +1),
+    ("VDU", "better image quality than SalUn (CLIP retain)", "clip_retain", "vdu", "salun", +1),
+    ("CGRU", "forgetting better than or comparable to ESD (UA, within 5 points)", "ua_comparable", "rl_critic", "esd", +1),
+    ("CGRU", "forgetting better than or comparable to SalUn (UA, within 5 points)", "ua_comparable", "rl_critic", "salun", +1),
+    ("CGRU", "keeps image quality: KID-CLIP no worse than ESD's", "kid_clip", "rl_critic", "esd", -1),
+    ("CGRU", "keeps image quality: KID-CLIP no worse than SalUn's", "kid_clip", "rl_critic", "salun", -1),
+    ("CGRU", "keeps benign-prompt fidelity better than ESD (forget-prompt fidelity)", "forget_fidelity",
+     "rl_critic", "esd", +1),
+    ("CGRU", "keeps benign-prompt fidelity better than SalUn (forget-prompt fidelity)", "forget_fidelity",
+     "rl_critic", "salun", +1),
+    ("CGRU", "its figures: UA 92.5%", "ua", "rl_critic", 92.5, +1),
+    ("CGRU", "its figures: in-domain retain 85.2%", "retain_in", "rl_critic", 85.2, +1),
+]
+
+
+def claim_value(rec: dict, metric: str) -> float:
+    f = figures(rec)
+    if metric == "worst_minus_mean":
+        return f["worst_drop"] - f["retain_in_drop"]
+    if metric == "ua_comparable":
+        return f["ua"]
+    return f[metric]
+
+
+def check_claim(records: dict, claim) -> dict:
+    paper, text, metric, method, against, direction = claim
+    units = sorted({(c, s) for (n, c, s) in records if n == method})
+    if isinstance(against, str):
+        units = [u for u in units if (against, *u) in records]
+        diffs = [claim_value(records[(method, *u)], metric) - claim_value(records[(against, *u)], metric)
+                 for u in units]
+        if metric == "ua_comparable":
+            diffs = [d + 5.0 for d in diffs]  # comparable: within 5 points
+    else:
+        diffs = [claim_value(records[(method, *u)], metric) - against for u in units]
+    mean, low, high = interval(diffs)
+    if len(diffs) < 2:
+        verdict = "not measured yet"
+    elif direction * low > 0 and direction * high > 0:
+        verdict = "holds"
+    elif direction * low < 0 and direction * high < 0:
+        verdict = "fails"
+    else:
+        verdict = "inconclusive"
+    return {"paper": paper, "claim": text, "n": len(diffs), "mean": mean, "low": low, "high": high,
+            "verdict": verdict, "against": against, "metric": metric}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports
+# ---------------------------------------------------------------------------------------------
+
+def fmt(v: float, digits: int = 1) -> str:
+    return "-" if v is None or math.isnan(v) else f"{v:.{digits}f}"
+
+
+def fmt_interval(values: list[float], digits: int = 1) -> str:
+    mean, low, high = interval(values)
+    if math.isnan(low):
+        return fmt(mean, digits)
+    return f"{fmt(mean, digits)} [{fmt(low, digits)}, {fmt(high, digits)}]"
+
+
+def method_table(records: dict, names: list[str]) -> list[str]:
+    lines = ["| method | runs | " + " | ".join(c for _, c in COLUMNS) + " | runs meeting the bar |",
+             "|---" * (len(COLUMNS) + 3) + "|"]
+    for name in names:
+        recs = [r for (n, _, _), r in records.items() if n == name]
+        if not recs:
+            continue
+        figs = [figures(r) for r in recs]
+        cells = [fmt_interval([f[k] for f in figs], 2 if k == "kid_clip" else 1) for k, _ in COLUMNS]
+        meets = int(sum(f["meets_bar"] for f in figs))
+        lines.append(f"| {label(name)} | {len(recs)} | " + " | ".join(cells) + f" | {meets}/{len(recs)} |")
+    return lines
+
+
+def label(name: str) -> str:
+    if name in VARIANTS:
+        method, extra = VARIANTS[name]
+        return f"{METHODS[method][1]} `{' '.join(extra)}`"
+    return METHODS[name][1]
+
+
+def concept_table(records: dict, name: str) -> list[str]:
+    cols = [("ua", "UA (%)"), ("retain_in_drop", "in-domain retain drop (pts)"),
+            ("worst_drop", "worst-value drop (pts)"), ("forget_fidelity", "forget fidelity (%)"),
+            ("kid_clip", "KID-CLIP")]
+    lines = ["| concept | seeds | " + " | ".join(c for _, c in cols) + " | worst-hit values | seeds meeting the bar |",
+             "|---" * (len(cols) + 4) + "|"]
+    for concept in CONCEPTS:
+        recs = [records[(name, concept, s)] for s in SEEDS if (name, concept, s) in records]
+        if not recs:
+            continue
+        figs = [figures(r) for r in recs]
+        cells = []
+        for k, _ in cols:
+            v = [f[k] for f in figs]
+            d = 2 if k == "kid_clip" else 0
+            cells.append(fmt(float(np.mean(v)), d) + (f" ({fmt(min(v), d)} to {fmt(max(v), d)})" if len(v) > 1 else ""))
+        worst = ", ".join(r["unlearned"]["retain_in_worst_value"] for r in recs)
+        meets = int(sum(f["meets_bar"] for f in figs))
+        lines.append(f"| {concept} | {len(recs)} | " + " | ".join(cells) + f" | {worst} | {meets}/{len(recs)} |")
+    return lines
+
+
+def quality_scatter(records: dict) -> list[str]:
+    """Which image-quality figure is stable at 64 images per group: for each (method, concept) with
+    3 seeds, the seed-to-seed standard deviation relative to the spread between methods."""
+    lines = []
+    for key, name in (("kid_clip", "KID-CLIP"), ("fd_clip", "FD-CLIP")):
+        within, means = [], []
+        for m in METHODS:
+            for c in CONCEPTS:
+                v = [figures(records[(m, c, s)])[key] for s in SEEDS if (m, c, s) in records]
+                if len(v) == len(SEEDS):
+                    within.append(np.std(v, ddof=1))
+                    means.append(np.mean(v))
+        if len(means) > 1:
+            ratio = float(np.mean(within) / np.std(means, ddof=1))
+            lines.append(f"| {name} | {len(means)} | {np.mean(within):.2f} | {np.std(means, ddof=1):.2f} | {ratio:.2f} |")
+    if not lines:
+        return []
+    return ["| figure | (method, concept) pairs with 3 seeds | mean seed-to-seed sd | sd across pairs "
+            "of the 3-seed means | ratio (lower: more stable) |", "|---" * 5 + "|"] + lines
+
+
+def tradeoff_figure(records: dict, path: Path) -> None:
+    """In-domain retain drop (y) against UA (x): faint dots for single runs, one marker per method
+    at its mean with 95% intervals as error bars. Drawn with PIL (no plotting dependency) so that
+    it is byte-identical on every machine."""
+    from PIL import Image, ImageDraw
+    w, h, left, right, top, bottom = 760, 520, 70, 200, 30, 60
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    x0, x1, y0, y1 = 0.0, 100.0, -10.0, 60.0  # UA %, drop in points
+    drops = [figures(r)["retain_in_drop"] for r in records.values()]
+    if drops:
+        y1 = max(y1, 10 * math.ceil(max(drops) / 10))
+        y0 = min(y0, 10 * math.floor(min(drops) / 10))
+
+    def px(x, y):
+        return (left + (x - x0) / (x1 - x0) * (w - left - right), top + (y - y0) / (y1 - y0) * (h - top - bottom))
+
+    for x in range(0, 101, 10):
+        a, _ = px(x, y0)
+        d.line([(a, top), (a, h - bottom)], fill=(235, 235, 235))
+        d.text((a - 8, h - bottom + 6), f"{x}", fill="black")
+    for y in range(int(y0), int(y1) + 1, 10):
+        _, b = px(x0, y)
+        d.line([(left, b), (w - right, b)], fill=(235, 235, 235) if y else (150, 150, 150))
+        d.text((left - 30, b - 6), f"{y}", fill="black")
+    bar_x, _ = px(evaluation.BAR_UA * 100, y0)
+    d.line([(bar_x, top), (bar_x, h - bottom)], fill=(150, 150, 150))
+    d.text((left + 150, h - 22), "UA (%): share of forget images without the concept ->", fill="black")
+    d.text((6, 8), "in-domain retain drop (points, base - unlearned), lower is better", fill="black")
+    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (110, 110, 110), (148, 103, 189)]
+    for i, name in enumerate(METHODS):
+        figs = [figures(r) for (n, _, _), r in records.items() if n == name]
+        if not figs:
+            continue
+        col = colours[i % len(colours)]
+        faint = tuple(int(c + (255 - c) * 0.65) for c in col)
+        for f in figs:
+            x, y = px(f["ua"], f["retain_in_drop"])
+            d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=faint)
+        ua, ua_lo, ua_hi = interval([f["ua"] for f in figs])
+        dr, dr_lo, dr_hi = interval([f["retain_in_drop"] for f in figs])
+        x, y = px(ua, dr)
+        if not math.isnan(ua_lo):
+            d.line([px(ua_lo, dr), px(ua_hi, dr)], fill=col, width=2)
+            d.line([px(ua, dr_lo), px(ua, dr_hi)], fill=col, width=2)
+        d.rectangle([x - 5, y - 5, x + 5, y + 5], fill=col)
+        ly = top + 20 * i
+        d.rectangle([w - right + 15, ly, w - right + 25, ly + 10], fill=col)
+        d.text((w - right + 32, ly - 1), f"{label(name)} ({len(figs)})", fill="black")
+    d.text((w - right + 15, top + 20 * len(METHODS) + 10), "square: mean, bars: 95%\ninterval, dots: runs",
+           fill="black")
+    img.save(path, optimize=False)
+
+
+def write_docs(records: dict, docs: Path, command_note: str) -> None:
+    names = [n for n in list(METHODS) + list(VARIANTS) if any(k[0] == n for k in records)]
+    n_main = sum(1 for (n, _, _) in records if n in METHODS)
+    full = len(METHODS) * len(CONCEPTS) * len(SEEDS)
+    total_time = sum(r["wall_time_s"] for (n, _, _), r in records.items() if n in METHODS)
+    base_recs = sorted(RECORDS.glob("base/*.json"))
+    base_time = sum(json.loads(p.read_text())["eval_time_s"] for p in base_recs)
+    lines = ["# Toy benchmark: every method and both baselines, 10 concepts x 3 seeds", "",
+             "Written by `python benchmarks/compare_toy.py --report-only` from the records in "
+             "`benchmarks/records/` (one JSON per run; the command, the commit and the arguments of each "
+             "are in it). " + command_note, ""]
+    if n_main < full:
+        lines += [f"**Partial: {n_main} of the {full} runs are recorded.** The intervals below are over the "
+                  "runs that exist; a method with fewer runs is measured on fewer concepts and seeds, so "
+                  "compare methods only in the claims table, which pairs runs on the same units.", ""]
+    lines += ["Each run: the method's default toy settings, 64 images per group (forget, synonym, "
+              "in-domain retain, cross-domain retain), judged by the toy judge; for a (concept, seed) every "
+              "method is evaluated on the same prompts and evaluation seeds, against one base evaluation. "
+              "Drops are base - unlearned, in points. The worst in-domain value is the neighbour the method "
+              "damaged most in that run. Forget-prompt fidelity: of the forget images whose prompt names "
+              "another attribute (\"a red striped circle\"), the share in which the judge still reads those "
+              "attributes; degenerate: the share the judge calls \"other\" on every head. KID-CLIP: the "
+              "unbiased kernel distance between the retain images of the base and the unlearned model "
+              "(CLIP features); FD-CLIP: the Frechet distance, biased at this sample size (see "
+              "below). Intervals: mean [95% t-interval over the runs].", "",
+              "## Per method", ""]
+    lines += method_table(records, names)
+    lines += ["", f"Bar: UA >= {evaluation.BAR_UA:.0%} with in-domain retain at most "
+              + ", ".join(f"{100 * v:.0f} ({label(k)})" for k, v in evaluation.BAR_RETAIN_DROP.items())
+              + " points below the base.", "",
+              f"Time: {total_time / 3600:.2f} h of runs ({n_main} runs, each training plus one evaluation) and "
+              f"{base_time / 60:.1f} min of base evaluations ({len(base_recs)}, shared by every method), "
+              "on the machines the records name.", "",
+              "![retain drop against UA, per method and per run](tradeoff.png)", ""]
+    floors = [json.loads(p.read_text())["metrics"] for p in base_recs]
+    floors = [f for f in floors if "fd_clip_floor" in f]
+    if floors:
+        lines += ["The noise floor of the image-quality figures: the base model against itself (same retain "
+                  "prompts, other seeds), over the (concept, seed) units: FD-CLIP "
+                  + fmt_interval([f["fd_clip_floor"] for f in floors]) + ", KID-CLIP "
+                  + fmt_interval([f["kid_clip_floor"] for f in floors], 2)
+                  + ". A method's figure inside this range is indistinguishable from not changing the model.", ""]
+    scatter = quality_scatter(records)
+    if scatter:
+        lines += ["## Which image-quality figure to trust", "",
+                  "For every (method, concept) measured with 3 seeds: how much the figure moves between "
+                  "seeds, against how much the 3-seed means differ between methods and concepts.", ""]
+        lines += scatter + [""]
+    lines += ["## Per concept (3-seed mean, min to max in brackets)", ""]
+    for name in names:
+        lines += [f"### {label(name)}", ""] + concept_table(records, name) + [""]
+    (docs / "results.md").write_text("\n".join(lines))
+
+    claims = [check_claim(records, c) for c in CLAIMS]
+    out = ["# The papers' claims, checked on the toy", "",
+           "Written by `python benchmarks/compare_toy.py --report-only` from `benchmarks/records/`. Each row "
+           "pairs the two methods on the (concept, seed) units both were run on and gives the mean paired "
+           "difference (first method minus the other, or minus the stated figure) with its 95% t-interval. "
+           "Verdict: holds (the interval is on the claimed side of 0), fails (on the other side), "
+           "inconclusive (it crosses 0), not measured yet (fewer than 2 paired runs). A claim that fails on "
+           "the toy is a finding about the toy and our reconstruction, reported as measured.", "",
+           "| paper | claim | against | paired runs | mean difference [95% interval] | verdict |",
+           "|---|---|---|---|---|---|"]
+    for c in claims:
+        unit = "%" if c["metric"] in ("ua", "retain_in") else " points"
+        against = label(c["against"]) if isinstance(c["against"], str) else f"the figure {c['against']:g}{unit}"
+        diff = "-" if c["n"] == 0 else (fmt(c["mean"]) if math.isnan(c["low"]) else
+                                        f"{fmt(c['mean'])} [{fmt(c['low'])}, {fmt(c['high'])}]")
+        out.append(f"| {c['paper']} | {c['claim']} | {against} | {c['n']} | {diff} | {c['verdict']} |")
+    out += ["", "Not checked here: VDU's \"robust with few checkpoints\" (2 against 3 snapshots) and CGRU's "
+            "critic ablations (`--critic-input x0_hat`, `--no-timestep`) need runs of those variants, which "
+            "belong to the CGRU/VDU work; UA at 100 steps for PURE is the variant `pure_100_steps`."]
+    (docs / "claims.md").write_text("\n".join(out) + "\n")
+    tradeoff_figure({k: r for k, r in records.items() if k[0] in METHODS}, docs / "tradeoff.png")
+
+
+def compare_grid(path: Path, concepts=("circle", "striped"), seed: int = 0, n_seeds: int = 2) -> bool:
+    """docs/compare.png: base + every method on the same prompts and seeds (two forget prompts and
+    two in-domain retain prompts per concept), from the saved UNets of seed `seed` in outputs/.
+    Needs the weights, so only a run (not --report-only) writes it; False if some are missing."""
+    folders = {(m, c): WORK / f"{m}-{c}-seed{seed}" / "unet" for m in METHODS for c in concepts}
+    if not all(f.exists() for f in folders.values()):
+        return False
+    models = common.load_models("toy", torch.device("cpu"))
+    rows, labels = [], []
+    for c in concepts:
+        ps = common.concept_prompts(c, models)
+        prompts = ps.forget[:2] + [p for p, _ in ps.retain_in[:2]]
+        flat = [p for p in prompts for _ in range(n_seeds)]
+        seeds = [s for _ in prompts for s in range(n_seeds)]
+        columns = [common.sample(models, flat, seeds).images]
+        for m in METHODS:
+            columns.append(common.sample(models, flat, seeds, unet=common.load_unet(folders[(m, c)])).images)
+        rows.append(torch.stack(columns, 1))
+        labels += [f"{p} (seed {s})" for p, s in zip(flat, seeds)]
+    common.image_grid(torch.cat(rows), path, labels, ["base"] + [METHODS[m][1].replace(" (baseline)", "*")
+                                                                  for m in METHODS])
+    return True
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="*", default=METHODS, choices=METHODS, help="methods to run")
-    p.add_argument("--concepts", nargs="*", default=world.SHAPES + world.TEXTURES, help="toy concepts")
-    p.add_argument("--quick", action="store_true", help="only circle and striped")
-    p.add_argument("--outputs", default="outputs", help="where runs are saved (and reused from)")
-    p.add_argument("--results", default="docs/results.md", help="markdown report to write")
-    p.add_argument("--figure", default="docs/compare.png",
-                   help="side-by-side grid for circle and striped (base + each method, same seeds)")
-    p.add_argument("--reuse-only", action="store_true", help="run nothing: report the runs already in --outputs")
-    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="arguments passed to every run")
+    p.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS) + list(VARIANTS),
+                   help="methods, baselines or variants to run (default: the four and both baselines)")
+    p.add_argument("--concepts", nargs="*", default=CONCEPTS, choices=CONCEPTS, help="toy concepts")
+    p.add_argument("--seeds", nargs="*", type=int, default=SEEDS, help="seeds")
+    p.add_argument("--report-only", action="store_true", help="run nothing: rewrite the docs from the records")
+    p.add_argument("--docs", default="docs", help="where results.md, claims.md and tradeoff.png go")
     args = p.parse_args()
-    concepts = ["circle", "striped"] if args.quick else args.concepts
-    outputs = ROOT / args.outputs
-    outputs.mkdir(parents=True, exist_ok=True)
-    results, started = {}, time.time()
-    reused = {(m, c) for m in args.methods for c in concepts if (outputs / f"{m}-{c}" / "metrics.json").exists()}
-    for method in args.methods:
-        print(f"{method}:")
-        for c in concepts:
-            results[(method, c)] = run(method, c, outputs, args.extra, args.reuse_only)
-    lines = [f"# Toy benchmark: {', '.join(args.methods)}", "",
-             f"Measured {datetime.date.today()} on {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
-             f"default toy settings, with `python benchmarks/compare_toy.py {' '.join(sys.argv[1:])}`. "
-             "Each figure: 64 images per group (forget, synonym, retain in-domain, retain cross-domain), "
-             "evaluation seed 0, judged by the toy judge; CLIP = the toy CLIP. Each run is "
-             "`python <method>.py --model toy --concept <concept>`" + (f" {' '.join(args.extra)}" if args.extra else "")
-             + " (its console output: `outputs/<method>-<concept>.log`); runs already in `outputs/` are reused.", ""]
-    header = "| concept | " + " | ".join(c for _, c in COLS) + " | meets bar |"
-    rule = "|---" * (len(COLS) + 2) + "|"
-    averages = {}
-    for method in args.methods:
-        lines += [f"## {method}", "", header, rule]
-        rows = []
-        for c in concepts:
-            m = results[(method, c)]
-            if not m:
-                lines.append(f"| {c} | {'not run' if args.reuse_only else 'failed'} |" + " |" * len(COLS))
-                continue
-            u = {**m["unlearned"], "wall_time_s": m["wall_time_s"]}
-            base = m["base"]
-            u["meets"] = evaluation.meets_bar(method, m)
-            rows.append(u)
-            lines.append(f"| {c} | " + " | ".join(
-                fmt(k, u.get(k)) + (f" ({fmt(k, base.get(k))})" if k in base else "") for k, _ in COLS)
-                + f" | {'yes' if u['meets'] else 'no'} |")
-        if rows:
-            averages[method] = {k: float(np.mean([r[k] for r in rows if r.get(k) is not None])) for k, _ in COLS}
-            averages[method]["meets"] = f"{sum(r['meets'] for r in rows)}/{len(rows)}"
-        lines += ["", f"(in brackets: the base model on the same prompts and seeds; bar: UA >= "
-                      f"{evaluation.BAR_UA:.0%} and in-domain retain at most "
-                      f"{evaluation.BAR_RETAIN_DROP[method] * 100:.0f} points below the base)", ""]
-    lines += ["## Averages over concepts", "",
-              "| method | " + " | ".join(c for _, c in COLS) + " | concepts meeting the bar |", rule]
-    for method, a in averages.items():
-        lines.append(f"| {method} | " + " | ".join(fmt(k, a[k]) for k, _ in COLS) + f" | {a['meets']} |")
-    total = sum(m.get("wall_time_s", 0) for m in results.values() if m)
-    made = sum(1 for k, m in results.items() if m and k not in reused)
-    lines += ["", f"Sum of the runs' wall times: {total / 60:.1f} min ({sum(1 for m in results.values() if m)} runs). "
-                  f"This invocation made {made} of them and reused {len(reused)}, in {(time.time() - started) / 60:.1f} min."]
-    figure_concepts = [c for c in ("circle", "striped") if all(results.get((m, c)) for m in args.methods)]
-    if figure_concepts:
-        # eval.py --compare's grid, one block of rows per concept (object, then style)
-        blocks = [evaluation.compare_images([outputs / f"{m}-{c}" for m in args.methods]) for c in figure_concepts]
-        common.image_grid(torch.cat([b[0] for b in blocks]), ROOT / args.figure,
-                          [label for b in blocks for label in b[1]], blocks[0][2])
-        lines.insert(4, f"![base model and each method on the same prompts and seeds]({Path(args.figure).name})\n")
-        print(f"wrote {ROOT / args.figure}")
-    path = ROOT / args.results
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
-    print(f"wrote {path}")
+    if not args.report_only:
+        ev, started, made = None, time.time(), 0
+        # concept and seed outermost: each base evaluation is made once and every method reuses it
+        for seed in args.seeds:
+            for concept in args.concepts:
+                for name in args.methods:
+                    if record_path(name, concept, seed).exists():
+                        continue
+                    ev = ev or Evaluator()
+                    made += run_method(name, concept, seed, ev) is not None
+        print(f"{made} runs made in {(time.time() - started) / 60:.1f} min ({os.cpu_count()} CPU cores, "
+              f"{platform.machine()}, {datetime.date.today()})")
+        if compare_grid(ROOT / args.docs / "compare.png"):
+            print(f"wrote {ROOT / args.docs / 'compare.png'} (* = baseline)")
+    docs = ROOT / args.docs
+    docs.mkdir(parents=True, exist_ok=True)
+    write_docs(load_records(), docs, "Runs are made by `python benchmarks/compare_toy.py` (missing records only).")
+    print(f"wrote {docs / 'results.md'}, {docs / 'claims.md'}, {docs / 'tradeoff.png'}")
 
 
 if __name__ == "__main__":

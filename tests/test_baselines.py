@@ -161,3 +161,19 @@ def test_salun_two_steps_on_a_tiny_sd_pipeline_save_a_unet_that_reloads(tiny_sd,
     assert changed_parameters(out / "unet", tiny_sd / "unet")
     run = json.loads((out / "run.json").read_text())
     assert run["args"]["steps"] == 2 and run["mask_kept"] > 0
+
+
+# --- the toy, end to end ---
+
+@pytest.mark.parametrize("script,concept", [("baselines/esd.py", "ESD_SHAPE"), ("baselines/esd.py", "ESD_TEXTURE"),
+                                            ("baselines/salun.py", "SALUN_SHAPE"), ("baselines/salun.py", "SALUN_TEXTURE")])
+def test_baseline_defaults_forget_a_toy_shape_and_texture_at_seed_0(tmp_path, script, concept):
+    # the defaults were chosen over several concepts (docs/esd_search.md, docs/salun_search.md);
+    # each baseline must forget one shape and one texture with them. 32 images per group keep it short.
+    out = tmp_path / "run"
+    r = run_script(script, "--model", "toy", "--concept", concept, "--n-eval-images", "32",
+                   "--output-dir", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    print(json.dumps(m["unlearned"], indent=1))
+    assert m["seed"] == 0 and m["unlearned"]["ua"] >= evaluation.BAR_UA

@@ -68,7 +68,7 @@ def test_mim_mu_changes_only_attn2_and_the_mi_proxy_falls(tiny_sd, tmp_path):
 
 def test_mim_mu_forgets_striped_at_seed_0_on_the_toy_without_compensation(tmp_path):
     # one concept and one seed: the 3-seed picture over all concepts is the benchmark's
-    # (measured 2026-11-25, seed 0: UA 97%, in-domain retain 100% vs base 100%, docs/results.md)
+    # (measured 2026-11-25, seed 0: UA 97%, in-domain retain 100% vs base 100%, docs/results_single_seed_2026-11-25.md)
     out = tmp_path / "mim_mu-striped"
     r = run_script("mim_mu.py", "--model", "toy", "--concept", "striped", "--seed", "0",
                    "--output-dir", str(out), timeout=900)

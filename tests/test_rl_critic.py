@@ -213,7 +213,7 @@ def _cgru_toy_run(tmp_path, concept):
 def test_cgru_defaults_forget_triangle_at_seed_0_and_its_critic_explains_the_reward(tmp_path):
     # One concept and one seed, the ones its defaults meet the bar on: with seed 1 the same run kept
     # in-domain retain at 70% only, and CGRU meets its bar on 5 of 10 concepts at seed 0
-    # (docs/results.md). measured 2026-11-25 (2 cores): UA 100%, in-domain retain 92.2% (base 95.3%),
+    # (docs/results_single_seed_2026-11-25.md). measured 2026-11-25 (2 cores): UA 100%, in-domain retain 92.2% (base 95.3%),
     # critic MSE 2.7 vs reward variance 31, 182 s.
     m, run = _cgru_toy_run(tmp_path, "triangle")
     assert run["critic_mse"] < run["reward_var"]

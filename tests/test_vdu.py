@@ -61,7 +61,7 @@ def test_unbounded_ascent_runs_away_on_the_toy_and_the_divergence_stop_saves_not
 
 def test_vdu_defaults_forget_circle_at_seed_0_the_concept_and_seed_they_were_tuned_on(tmp_path):
     # The defaults were searched on circle, seed 0 (docs/vdu_search.md). That is all this shows:
-    # at seed 0 they meet the bar on no other concept (docs/results.md). measured 2026-11-23: UA 95%,
+    # at seed 0 they meet the bar on no other concept (docs/results_single_seed_2026-11-25.md). measured 2026-11-23: UA 95%,
     # in-domain retain 91% (base 95%)
     out = tmp_path / "vdu-circle"
     r = run_script("vdu.py", "--model", "toy", "--concept", "circle", "--seed", "0", "--output-dir", out)

@@ -1,0 +1,67 @@
+"""benchmarks/compare_toy.py: its statistics, its claims' verdicts, and that --report-only rebuilds
+the docs from records alone, byte for byte."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import compare_toy  # noqa: E402
+
+
+@pytest.mark.parametrize("df,t", [(1, 12.706), (2, 4.303), (3, 3.182), (5, 2.571), (9, 2.262), (29, 2.045), (89, 1.987)])
+def test_t_quantile_matches_the_table(df, t):
+    assert abs(compare_toy.t_quantile(df) - t) < (0.004 if df == 3 else 0.0015)
+
+
+def _record(method, concept, seed, ua, retain_in, base_retain=0.95, kid=1.0):
+    values = {"square": retain_in - 0.1, "triangle": retain_in + 0.05}
+    m = {"ua": ua, "ua_synonym": ua, "retain_in": retain_in, "retain_cross": 0.9, "retain_in_per_value": values,
+         "retain_in_worst": min(values.values()), "retain_in_worst_value": min(values, key=values.get),
+         "forget_fidelity": 0.5, "forget_degenerate": 0.1, "fd_clip": 10.0, "kid_clip": kid,
+         "clip_forget": 20.0, "clip_retain": 50.0}
+    base = {**m, "ua": 0.02, "retain_in": base_retain, "retain_in_per_value": {"square": 0.95, "triangle": 0.95}}
+    return {"method": method, "concept": concept, "seed": seed, "wall_time_s": 60.0, "base": base, "unlearned": m}
+
+
+def test_a_claim_holds_fails_or_is_inconclusive_by_its_paired_interval():
+    recs = {}
+    for i, (c, s) in enumerate([(c, s) for c in ("circle", "square") for s in (0, 1, 2)]):
+        recs[("pure", c, s)] = _record("pure", c, s, ua=0.99 - 0.01 * i, retain_in=0.93)
+        recs[("esd", c, s)] = _record("esd", c, s, ua=0.80 + 0.01 * i, retain_in=0.93 + (0.02 if i % 2 else -0.02))
+    ua = compare_toy.check_claim(recs, ("PURE", "", "ua", "pure", "esd", +1))
+    assert ua["verdict"] == "holds" and ua["n"] == 6 and ua["low"] > 0
+    assert compare_toy.check_claim(recs, ("PURE", "", "ua", "pure", "esd", -1))["verdict"] == "fails"
+    assert compare_toy.check_claim(recs, ("PURE", "", "retain_in_drop", "pure", "esd", -1))["verdict"] == "inconclusive"
+    assert compare_toy.check_claim(recs, ("PURE", "", "ua", "pure", "salun", +1))["verdict"] == "not measured yet"
+    # against a stated figure: PURE's UA (94-99%) is above 90% on every unit, not above 95% on all
+    assert compare_toy.check_claim(recs, ("PURE", "", "ua", "pure", 90.0, +1))["verdict"] == "holds"
+    assert compare_toy.check_claim(recs, ("PURE", "", "ua", "pure", 97.0, +1))["verdict"] == "inconclusive"
+
+
+def test_figures_are_in_points_and_the_worst_value_drop_uses_that_values_base():
+    f = compare_toy.figures(_record("pure", "circle", 0, ua=0.9, retain_in=0.8))
+    assert f["ua"] == pytest.approx(90) and f["retain_in_drop"] == pytest.approx(15)
+    assert f["worst_drop"] == pytest.approx(95 - 70)  # square: 0.95 in the base, 0.70 unlearned
+
+
+def test_report_only_rebuilds_the_committed_docs_byte_for_byte(tmp_path):
+    """The committed docs/results.md, docs/claims.md and docs/tradeoff.png are what --report-only
+    writes from the committed records."""
+    r = subprocess.run([sys.executable, "benchmarks/compare_toy.py", "--report-only", "--docs", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for name in ("results.md", "claims.md", "tradeoff.png"):
+        assert (tmp_path / name).read_bytes() == (ROOT / "docs" / name).read_bytes(), name
+
+
+def test_every_record_names_its_command_commit_and_arguments():
+    for path in sorted(compare_toy.RECORDS.glob("*/*.json")):
+        rec = json.loads(path.read_text())
+        assert rec["commit"] and rec["seed"] in (0, 1, 2), path
+        if path.parent.name != "base":
+            assert rec["command"].startswith("python ") and rec["args"]["seed"] == rec["seed"], path
