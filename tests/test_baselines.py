@@ -165,8 +165,8 @@ def test_salun_two_steps_on_a_tiny_sd_pipeline_save_a_unet_that_reloads(tiny_sd,
 
 # --- the toy, end to end ---
 
-@pytest.mark.parametrize("script,concept", [("baselines/esd.py", "ESD_SHAPE"), ("baselines/esd.py", "ESD_TEXTURE"),
-                                            ("baselines/salun.py", "SALUN_SHAPE"), ("baselines/salun.py", "SALUN_TEXTURE")])
+@pytest.mark.parametrize("script,concept", [("baselines/esd.py", "triangle"), ("baselines/esd.py", "dotted"),
+                                            ("baselines/salun.py", "square"), ("baselines/salun.py", "dotted")])
 def test_baseline_defaults_forget_a_toy_shape_and_texture_at_seed_0(tmp_path, script, concept):
     # the defaults were chosen over several concepts (docs/esd_search.md, docs/salun_search.md);
     # each baseline must forget one shape and one texture with them. 32 images per group keep it short.
