@@ -389,7 +389,8 @@ def tradeoff_figure(records: dict, path: Path) -> None:
         y1 = max(y1, 10 * math.ceil(max(drops) / 10))
         y0 = min(y0, 10 * math.floor(min(drops) / 10))
 
-    def px(x, y):
+    def px(x, y):  # data -> pixels, clipped to the plot area (an interval of 2 runs is wide)
+        x, y = min(max(x, x0), x1), min(max(y, y0), y1)
         return (left + (x - x0) / (x1 - x0) * (w - left - right), top + (y - y0) / (y1 - y0) * (h - top - bottom))
 
     for x in range(0, 101, 10):
@@ -403,7 +404,8 @@ def tradeoff_figure(records: dict, path: Path) -> None:
     bar_x, _ = px(evaluation.BAR_UA * 100, y0)
     d.line([(bar_x, top), (bar_x, h - bottom)], fill=(150, 150, 150))
     d.text((left + 150, h - 22), "UA (%): share of forget images without the concept ->", fill="black")
-    d.text((6, 8), "in-domain retain drop (points, base - unlearned), lower is better", fill="black")
+    d.text((6, 8), "in-domain retain drop (points, base - unlearned): up is better", fill="black")
+    d.text((bar_x + 4, h - bottom - 14), "UA bar", fill=(120, 120, 120))
     colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (110, 110, 110), (148, 103, 189)]
     for i, name in enumerate(METHODS):
         figs = [figures(r) for (n, _, _), r in records.items() if n == name]
