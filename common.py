@@ -199,6 +199,7 @@ class Models:
     toy: dict | None = None   # toy/toy.json (vocabulary, recommended sampling) when --model toy
     sample_steps: int = 50
     guidance_scale: float = 7.5
+    sample_batch_size: int = 64  # prompts per sampling batch (load_models sets it)
     _prompt_cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -223,8 +224,11 @@ def resolve_model(model: str) -> tuple[str, dict | None]:
     return model, None
 
 
-def load_models(model: str, device: torch.device, dtype: torch.dtype = torch.float32) -> Models:
+def load_models(model: str, device: torch.device, dtype: torch.dtype = torch.float32,
+                sample_batch_size: int | None = None) -> Models:
     """Tokenizer, CLIP text encoder, VAE, UNet and a DDIM scheduler, safetensors only.
+    `sample_batch_size`: prompts per sampling batch (default: 64 on the toy, 8 on SD, where a batch of
+    64 prompts alone needs about 24 GiB); every image the methods and eval generate goes through it.
 
     Frozen parts (text encoder, VAE) are in eval mode without gradients, in `dtype`; the UNet
     stays float32 (it is what trains; autocast handles mixed precision).
@@ -253,6 +257,7 @@ def load_models(model: str, device: torch.device, dtype: torch.dtype = torch.flo
         vae.enable_slicing()  # decode 512x512 images one at a time: batches would not fit in memory
     unet.to(device)
     models = Models(model, path, tokenizer, text_encoder, vae, unet, scheduler, device, dtype, toy)
+    models.sample_batch_size = sample_batch_size or (64 if toy else 8)
     if toy:
         models.sample_steps = toy["recommended"]["num_inference_steps"]
         models.guidance_scale = toy["recommended"]["guidance_scale"]
@@ -577,7 +582,7 @@ class Samples:
 @torch.no_grad()
 def sample(models: Models, prompts: list[str], seeds: list[int], unet=None, steps: int | None = None,
            guidance_scale: float | None = None, eta: float = 0.0, trajectory: bool = False,
-           batch_size: int = 64, decode: bool = True, progress: bool = False) -> Samples:
+           batch_size: int | None = None, decode: bool = True, progress: bool = False) -> Samples:
     """DDIM sampling with classifier-free guidance, one seed per image.
 
     With eta = 0 the images equal diffusers' StableDiffusionPipeline with a DDIMScheduler and
@@ -586,6 +591,7 @@ def sample(models: Models, prompts: list[str], seeds: list[int], unet=None, step
     """
     unet = unet or models.unet
     steps = steps or models.sample_steps
+    batch_size = batch_size or models.sample_batch_size
     w = models.guidance_scale if guidance_scale is None else guidance_scale
     sched = models.scheduler
     sched.set_timesteps(steps)

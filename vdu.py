@@ -75,6 +75,7 @@ class Args:
     gradient_checkpointing: bool = common.arg(False, "trade compute for memory in the UNet")
     mixed_precision: str = common.arg("no", "autocast dtype", choices=["no", "fp16", "bf16"])
     device: str = common.arg("auto", "auto, cpu or cuda", choices=["auto", "cpu", "cuda"])
+    sample_batch_size: int = common.arg(None, "prompts per sampling batch (default: 64 toy, 8 SD; lower it if sampling runs out of memory)", ">=1")
     seed: int = common.arg(0, "seed of data generation, training and evaluation", ">=0")
     n_eval_images: int = common.arg(64, "images per evaluation group in the final report (0: skip)", ">=0")
     output_dir: str = common.arg(None, "where to save (default outputs/vdu-<concept>)")
@@ -109,7 +110,7 @@ def setup(args: Args):
     """Seed and device, the models, the prompt sets, the frozen reference eps_ref, and theta:
     the UNet parameters chosen by --train (printed with their count)."""
     device, dtype = common.seed_and_device(args.seed, args.device, args.mixed_precision)
-    models = common.load_models(args.model, device, dtype)
+    models = common.load_models(args.model, device, dtype, args.sample_batch_size)
     ps = common.concept_prompts(args.concept, models, common.read_prompt_list(args.forget_prompts),
                                 common.read_prompt_list(args.retain_prompts))
     unet_ref = common.frozen_copy(models.unet)                 # eps_ref: the reference, frozen

@@ -106,3 +106,13 @@ def test_save_half_writes_a_float16_unet_of_half_the_size_that_plain_diffusers_l
     unet = UNet2DConditionModel.from_pretrained(out / "unet", torch_dtype=torch.float16)  # plain diffusers
     assert next(unet.parameters()).dtype == torch.float16
     assert common.load_unet(out / "unet").dtype == torch.float32  # the project's loader casts it back
+
+
+def test_sampling_in_chunks_gives_the_same_images_and_sd_samples_8_prompts_at_a_time(toy_models, tiny_sd):
+    prompts, seeds = ["a circle", "a red square", "a striped shape", "", "a ring"], [4, 3, 2, 1, 0]
+    whole = common.sample(toy_models, prompts, seeds).latents
+    chunked = common.sample(toy_models, prompts, seeds, batch_size=2).latents
+    # equal up to float rounding (a batch of another size sums in another order)
+    assert toy_models.sample_batch_size == 64 and (whole - chunked).abs().max() < 1e-4
+    assert common.load_models(str(tiny_sd), torch.device("cpu")).sample_batch_size == 8
+    assert common.load_models(str(tiny_sd), torch.device("cpu"), sample_batch_size=2).sample_batch_size == 2
