@@ -728,6 +728,20 @@ def show(bar, terms: dict) -> None:
     bar.set_postfix({k: f"{float(v):.4g}" for k, v in terms.items()}, refresh=False)
 
 
+def loss_scaler(mixed_precision: str, device: torch.device):
+    """fp16 loss scaling (torch.amp.GradScaler). Under fp16 autocast small gradients underflow to
+    zero unless the loss is scaled up before backward and the gradients scaled back down before the
+    step; a step whose gradients overflowed is skipped and the scale lowered. bf16 has fp32's range,
+    and fp32 needs nothing: there the scaler is switched off and every call passes through. Use:
+
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)     # the true gradients from here: clip or mask them now
+        scaler.step(opt)
+        scaler.update()
+    """
+    return torch.amp.GradScaler(device.type, enabled=mixed_precision == "fp16")
+
+
 def check_finite(step: int, **losses: torch.Tensor) -> None:
     """Stop the run (saving nothing) as soon as a loss is NaN or infinite."""
     for name, value in losses.items():

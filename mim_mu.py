@@ -140,6 +140,7 @@ def train(args: Args, models: common.Models, unet_ref, params, data: dict) -> di
     proxy (L_mi on the held-out forget batch) before and after."""
     unet = models.unet.train()
     opt = torch.optim.Adam(params, lr=args.lr, weight_decay=0.0)
+    scaler = common.loss_scaler(args.mixed_precision, models.device)
     g = torch.Generator().manual_seed(args.seed)
     n = len(data["x0_f"])
     steps_per_epoch = max(1, n // args.batch_size)
@@ -157,8 +158,9 @@ def train(args: Args, models: common.Models, unet_ref, params, data: dict) -> di
         total, terms = loss(unet, unet_ref, models, x_t, t, data["c_f"][idx], args.anchor_uncond)
         common.check_finite(step, loss=total)
         opt.zero_grad(set_to_none=True)
-        total.backward()
-        opt.step()
+        scaler.scale(total).backward()  # fp16 loss scaling (a no-op otherwise)
+        scaler.step(opt)
+        scaler.update()
         shown.update({k: v.item() for k, v in terms.items()})
         if (step + 1) % steps_per_epoch == 0:
             with torch.no_grad():

@@ -162,6 +162,7 @@ def train(args: Args, models: common.Models, unet_ref, params, data: dict) -> No
     """Alternate K_f forget steps and K_r repair steps, `steps` optimiser steps in all."""
     unet = models.unet.train()
     opt = torch.optim.Adam(params, lr=args.lr)
+    scaler = common.loss_scaler(args.mixed_precision, models.device)
     g = torch.Generator().manual_seed(args.seed)
     shown = {"L_forget": 0.0, "delta": 0.0, "L_KL": 0.0, "L_repair": 0.0}
     bar = common.progress(args.steps, "PURE")
@@ -177,9 +178,11 @@ def train(args: Args, models: common.Models, unet_ref, params, data: dict) -> No
                             (x_r, t_r, eps_r, data["c_r"][idx_r]), phase, args.beta, args.kl_weight)
         common.check_finite(step, loss=total)
         opt.zero_grad(set_to_none=True)
-        total.backward()
+        scaler.scale(total).backward()
+        scaler.unscale_(opt)  # fp16 loss scaling undone before clipping (a no-op otherwise)
         torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         shown.update({k: v.item() for k, v in terms.items()})
         common.show(bar, shown)
 

@@ -339,9 +339,11 @@ def fit_critic(critic, opt, buffer: list, epochs: int, generator: torch.Generato
 
 
 def policy_update(args: Args, models: common.Models, unet_ref, params, opt, roll: dict, adv: torch.Tensor,
-                  generator: torch.Generator) -> dict:
-    """PPO epochs over this iteration's (state, action) pairs, re-scoring the stored actions under theta."""
+                  generator: torch.Generator, scaler=None) -> dict:
+    """PPO epochs over this iteration's (state, action) pairs, re-scoring the stored actions under theta.
+    `scaler`: the run's fp16 loss scaler (common.loss_scaler), kept across iterations."""
     unet = models.unet.train()
+    scaler = scaler or common.loss_scaler(args.mixed_precision, models.device)
     n, T = adv.shape
     # reconstructed (--train-steps): only the noisiest steps, where the sample's content is decided
     steps = torch.arange(max(1, round(T * args.train_steps)))
@@ -361,15 +363,18 @@ def policy_update(args: Args, models: common.Models, unet_ref, params, opt, roll
             common.check_finite(n_updates, loss=total)
             n_updates += 1
             opt.zero_grad(set_to_none=True)
-            total.backward()
+            scaler.scale(total).backward()
+            scaler.unscale_(opt)  # fp16 loss scaling undone before clipping (a no-op otherwise)
             torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             stats.update({name: v.item() for name, v in terms.items()})
     return stats
 
 
 def train(args: Args, models: common.Models, ps: common.PromptSet, unet_ref, params, clip, critic) -> dict:
     opt = torch.optim.Adam(params, lr=args.lr)
+    scaler = common.loss_scaler(args.mixed_precision, models.device)
     critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)
     judge = evaluation.Judge(models, clip) if args.reward == "classifier" else None
     g = torch.Generator().manual_seed(args.seed)
@@ -402,7 +407,7 @@ def train(args: Args, models: common.Models, ps: common.PromptSet, unet_ref, par
         adv = gae(values, r, args.gae_lambda)
         # normalise over the batch, clip to +-5
         adv = ((adv - adv.mean()) / (adv.std() + 1e-8)).clamp(-5, 5)
-        stats = policy_update(args, models, unet_ref, params, opt, roll, adv, g)
+        stats = policy_update(args, models, unet_ref, params, opt, roll, adv, g, scaler)
         log = {"r_forget": raw[f].mean().item(), "r_retain": raw[~f].mean().item(),
                "critic_mse": critic_mse, "reward_var": reward_var, **stats}
         common.show(bar, log)

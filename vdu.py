@@ -231,6 +231,7 @@ def train(args: Args, models: common.Models, unet_ref, params, data: dict) -> di
     anchor, precision = precision_and_anchor(models, params, args.precision_from, args.checkpoints, args.anchor,
                                              args.precision_floor, args.fisher_samples, args.seed)
     opt = torch.optim.Adam(params, lr=args.lr)
+    scaler = common.loss_scaler(args.mixed_precision, models.device)
     g = torch.Generator().manual_seed(args.seed)
     a_start, shown = None, {}
     bar = common.progress(args.steps, "VDU")
@@ -248,8 +249,9 @@ def train(args: Args, models: common.Models, unet_ref, params, data: dict) -> di
                                     f"reference's on the same batch) at step {step}; nothing was saved: "
                                     "raise --gamma, lower --lr or bound the ascent (--ascent-bound 3).")
         opt.zero_grad(set_to_none=True)
-        total.backward()
-        opt.step()
+        scaler.scale(total).backward()  # fp16 loss scaling (a no-op otherwise)
+        scaler.step(opt)
+        scaler.update()
         common.show(bar, shown)
     return {"A_start": a_start, "A_end": shown.get("A"), "B_end": shown.get("B")}
 

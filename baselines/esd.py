@@ -160,6 +160,7 @@ def train(args: Args, models: common.Models, unet_ref, params, ps: common.Prompt
     gradient), as in the public code: as it forgets, x_t moves to where it now goes."""
     unet = models.unet.train()
     opt = torch.optim.Adam(params, lr=args.lr)
+    scaler = common.loss_scaler(args.mixed_precision, models.device)
     g = torch.Generator().manual_seed(args.seed)
     bar = common.progress(args.steps, "ESD")
     for step in bar:
@@ -171,8 +172,9 @@ def train(args: Args, models: common.Models, unet_ref, params, ps: common.Prompt
         total, terms = loss(unet, unet_ref, models, x_t, t, cond, uncond, args.negative_guidance)
         common.check_finite(step, loss=total)
         opt.zero_grad(set_to_none=True)
-        total.backward()
-        opt.step()
+        scaler.scale(total).backward()  # fp16 loss scaling (a no-op otherwise)
+        scaler.step(opt)
+        scaler.update()
         common.show(bar, {k: v.item() for k, v in terms.items()})
 
 

@@ -224,6 +224,7 @@ def train(args: Args, models: common.Models, ps: common.PromptSet, params, masks
     masked gradient. Plain Adam (no weight decay): a weight whose gradient is always 0 never moves."""
     unet = models.unet.train()
     opt = torch.optim.Adam(params, lr=args.lr)
+    scaler = common.loss_scaler(args.mixed_precision, models.device)
     g = torch.Generator().manual_seed(args.seed)
     bar = common.progress(args.steps, "SalUn")
     for step in bar:
@@ -236,11 +237,13 @@ def train(args: Args, models: common.Models, ps: common.PromptSet, params, masks
                             (x_r, t_r, eps_r, data["c_r"][idx_r]), args.alpha)
         common.check_finite(step, loss=total)
         opt.zero_grad(set_to_none=True)
-        total.backward()
+        scaler.scale(total).backward()
+        scaler.unscale_(opt)  # fp16 loss scaling undone before masking (a no-op otherwise)
         for p, m in zip(params, masks):  # only the salient weights learn
             if p.grad is not None:
                 p.grad.mul_(m)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         common.show(bar, {k: v.item() for k, v in terms.items()})
 
 

@@ -116,3 +116,28 @@ def test_sampling_in_chunks_gives_the_same_images_and_sd_samples_8_prompts_at_a_
     assert toy_models.sample_batch_size == 64 and (whole - chunked).abs().max() < 1e-4
     assert common.load_models(str(tiny_sd), torch.device("cpu")).sample_batch_size == 8
     assert common.load_models(str(tiny_sd), torch.device("cpu"), sample_batch_size=2).sample_batch_size == 2
+
+
+def test_fp16_loss_scaling_is_undone_before_clipping_and_an_overflowing_step_is_skipped(tiny_sd, monkeypatch):
+    # fp16 autocast needs a GPU; the scaler's arithmetic does not, so a CPU GradScaler stands in for it
+    import pure
+
+    def train_with(scaler):
+        monkeypatch.setattr(common, "loss_scaler", lambda mixed_precision, device: scaler)
+        args = pure.parse_args(["--model", str(tiny_sd), "--concept", "church", "--steps", "2", "--n-forget", "2",
+                                "--n-retain", "2", "--batch-size", "2", "--lr", "1e-2", "--grad-clip", "1e-3",
+                                "--device", "cpu"])
+        models, ps, unet_ref, params = pure.setup(args)
+        data = pure.make_data(args, models, ps)
+        start = [p.detach().clone() for p in params]
+        pure.train(args, models, unet_ref, params, data)
+        return start, [p.detach().clone() for p in params]
+
+    start, plain = train_with(torch.amp.GradScaler("cpu", enabled=False))
+    _, scaled = train_with(torch.amp.GradScaler("cpu", init_scale=2.0 ** 12))
+    # the loss was scaled 4096x, and unscaled before clipping: the same steps as without scaling
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(plain, scaled))
+    assert any(not torch.equal(a, b) for a, b in zip(start, plain))
+    # a scale that overflows: every step is skipped, nothing moves
+    _, skipped = train_with(torch.amp.GradScaler("cpu", init_scale=float("inf")))
+    assert all(torch.equal(a, b) for a, b in zip(start, skipped))
