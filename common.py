@@ -199,6 +199,7 @@ class Models:
     toy: dict | None = None   # toy/toy.json (vocabulary, recommended sampling) when --model toy
     sample_steps: int = 50
     guidance_scale: float = 7.5
+    sample_batch_size: int = 64  # prompts per sampling batch (load_models sets it)
     _prompt_cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -223,8 +224,11 @@ def resolve_model(model: str) -> tuple[str, dict | None]:
     return model, None
 
 
-def load_models(model: str, device: torch.device, dtype: torch.dtype = torch.float32) -> Models:
+def load_models(model: str, device: torch.device, dtype: torch.dtype = torch.float32,
+                sample_batch_size: int | None = None) -> Models:
     """Tokenizer, CLIP text encoder, VAE, UNet and a DDIM scheduler, safetensors only.
+    `sample_batch_size`: prompts per sampling batch (default: 64 on the toy, 8 on SD, where a batch of
+    64 prompts alone needs about 24 GiB); every image the methods and eval generate goes through it.
 
     Frozen parts (text encoder, VAE) are in eval mode without gradients, in `dtype`; the UNet
     stays float32 (it is what trains; autocast handles mixed precision).
@@ -246,19 +250,42 @@ def load_models(model: str, device: torch.device, dtype: torch.dtype = torch.flo
         raise UsageError(f"could not load model {model!r}: it is not a local folder and the Hugging Face "
                          "hub could not provide it (offline or not in the cache); to run offline, use "
                          "--model toy.") from None
-    if scheduler.config.prediction_type != "epsilon":
-        raise UsageError(f"{model} predicts {scheduler.config.prediction_type!r}; these methods are written for "
-                         "epsilon-prediction models such as SD v1.x.")
+    check_scheduler(scheduler, model)
     for m in (text_encoder, vae):
         m.to(device).eval().requires_grad_(False)
     if not toy:
         vae.enable_slicing()  # decode 512x512 images one at a time: batches would not fit in memory
     unet.to(device)
     models = Models(model, path, tokenizer, text_encoder, vae, unet, scheduler, device, dtype, toy)
+    models.sample_batch_size = sample_batch_size or (64 if toy else 8)
     if toy:
         models.sample_steps = toy["recommended"]["num_inference_steps"]
         models.guidance_scale = toy["recommended"]["guidance_scale"]
     return models
+
+
+# What the UNet may be trained to output: the noise eps (SD v1.x, SD 2.x-base) or the velocity
+# v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (SD 2.x at 768 px). Every loss here is written in
+# the model's own output space; for v, a difference of eps predictions at timestep t is
+# sqrt(abar_t) times the difference of v predictions, so each loss is the same objective under
+# another weighting over t.
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+# Scheduler settings that change the DDIM step in ways common.ddim_step does not implement: a
+# model that sets one is refused rather than sampled differently from diffusers.
+UNSUPPORTED_SCHEDULER = {"clip_sample": False, "thresholding": False, "rescale_betas_zero_snr": False}
+
+
+def check_scheduler(scheduler, model: str) -> None:
+    """Refuse, in one sentence, a prediction type or scheduler setting the DDIM step here does
+    not handle (it would otherwise sample something other than diffusers' pipeline does)."""
+    kind = scheduler.config.prediction_type
+    if kind not in PREDICTION_TYPES:
+        raise UsageError(f"{model} predicts {kind!r}; these methods handle {' and '.join(PREDICTION_TYPES)} "
+                         "models (SD v1.x and 2.x).")
+    for key, handled in UNSUPPORTED_SCHEDULER.items():
+        if scheduler.config.get(key, handled) != handled:
+            raise UsageError(f"{model}'s scheduler sets {key}={scheduler.config.get(key)}, which the DDIM step "
+                             f"here does not implement; set it to {handled} in its scheduler config to use it.")
 
 
 def load_unet(path: str | Path, device: torch.device | str = "cpu"):
@@ -460,6 +487,13 @@ def cycle(items: list, n: int) -> list:
 # DDIM: one step (with its Gaussian log-probability) and the sampler
 # ---------------------------------------------------------------------------------------------
 
+def _abar_t(scheduler, t, x_t: torch.Tensor):
+    """abar_t: a CPU scalar for an int t, or an (n, 1, 1, 1) tensor on x_t's device for one t per sample."""
+    if torch.is_tensor(t) and t.ndim == 1:
+        return scheduler.alphas_cumprod.to(x_t.device)[t.to(x_t.device)].view(-1, *([1] * (x_t.ndim - 1)))
+    return scheduler.alphas_cumprod[int(t)]
+
+
 def _abar(scheduler, t, x_t: torch.Tensor):
     """(abar_t, abar_prev) of a DDIM step: CPU scalars for an int t (no device round trip, as in
     diffusers), or (n, 1, 1, 1) tensors on x_t's device for one timestep per sample."""
@@ -475,15 +509,28 @@ def _abar(scheduler, t, x_t: torch.Tensor):
     return scheduler.alphas_cumprod[t], prev
 
 
-def predicted_x0(scheduler, eps: torch.Tensor, t, x_t: torch.Tensor) -> torch.Tensor:
-    """x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t); t an int or one per sample."""
-    abar_t, _ = _abar(scheduler, t, x_t)
-    return (x_t - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()
+def split_prediction(scheduler, output: torch.Tensor, t, x_t: torch.Tensor):
+    """The UNet's output at (x_t, t) as (eps_hat, x0_hat); t an int or one per sample.
+
+    epsilon models: eps_hat = output, x0_hat = (x_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t).
+    v-prediction models (v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0, with x_t = sqrt(abar_t) x_0 +
+    sqrt(1 - abar_t) eps): x0_hat = sqrt(abar_t) x_t - sqrt(1 - abar_t) v, eps_hat = sqrt(1 - abar_t) x_t + sqrt(abar_t) v.
+    """
+    abar_t = _abar_t(scheduler, t, x_t)
+    if scheduler.config.prediction_type == "v_prediction":
+        return (1 - abar_t).sqrt() * x_t + abar_t.sqrt() * output, abar_t.sqrt() * x_t - (1 - abar_t).sqrt() * output
+    return output, (x_t - (1 - abar_t).sqrt() * output) / abar_t.sqrt()
 
 
-def ddim_step(scheduler, eps: torch.Tensor, t, x_t: torch.Tensor, eta: float = 0.0,
+def predicted_x0(scheduler, output: torch.Tensor, t, x_t: torch.Tensor) -> torch.Tensor:
+    """x0_hat from the UNet's output (eps or v, see split_prediction); t an int or one per sample."""
+    return split_prediction(scheduler, output, t, x_t)[1]
+
+
+def ddim_step(scheduler, output: torch.Tensor, t, x_t: torch.Tensor, eta: float = 0.0,
               generators: list[torch.Generator] | None = None, prev_sample: torch.Tensor | None = None):
-    """One DDIM step x_t -> x_{t-1} as a Gaussian policy (Song et al. 2021, eq. 12 and 16).
+    """One DDIM step x_t -> x_{t-1} as a Gaussian policy (Song et al. 2021, eq. 12 and 16), from
+    the UNet's (guided) output: eps, or v for a v-prediction model (see split_prediction).
 
     Returns (x_prev, log_prob (n,), mean, sigma). With eta = 0 it equals diffusers'
     DDIMScheduler.step. With eta > 0, x_prev ~ N(mean, sigma^2 I) is drawn with `generators`
@@ -492,7 +539,7 @@ def ddim_step(scheduler, eps: torch.Tensor, t, x_t: torch.Tensor, eta: float = 0
     `t` is an int, or a tensor with one timestep per sample.
     """
     abar_t, abar_prev = _abar(scheduler, t, x_t)
-    x0_hat = predicted_x0(scheduler, eps, t, x_t)
+    eps, x0_hat = split_prediction(scheduler, output, t, x_t)
     # sigma_t = eta * sqrt((1 - abar_prev) / (1 - abar_t)) * sqrt(1 - abar_t / abar_prev)
     sigma = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)).sqrt()
     # mu = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps
@@ -535,7 +582,7 @@ class Samples:
 @torch.no_grad()
 def sample(models: Models, prompts: list[str], seeds: list[int], unet=None, steps: int | None = None,
            guidance_scale: float | None = None, eta: float = 0.0, trajectory: bool = False,
-           batch_size: int = 64, decode: bool = True, progress: bool = False) -> Samples:
+           batch_size: int | None = None, decode: bool = True, progress: bool = False) -> Samples:
     """DDIM sampling with classifier-free guidance, one seed per image.
 
     With eta = 0 the images equal diffusers' StableDiffusionPipeline with a DDIMScheduler and
@@ -544,6 +591,7 @@ def sample(models: Models, prompts: list[str], seeds: list[int], unet=None, step
     """
     unet = unet or models.unet
     steps = steps or models.sample_steps
+    batch_size = batch_size or models.sample_batch_size
     w = models.guidance_scale if guidance_scale is None else guidance_scale
     sched = models.scheduler
     sched.set_timesteps(steps)
@@ -561,11 +609,11 @@ def sample(models: Models, prompts: list[str], seeds: list[int], unet=None, step
         xs, xps, lps, x0s = [], [], [], []
         for t in timesteps:
             with autocast(models.device, models.dtype):
-                eps = guided_eps(unet, x, t, cond, uncond, w).float()
-            x_prev, log_prob, _, _ = ddim_step(sched, eps, t, x, eta, gens)
+                pred = guided_eps(unet, x, t, cond, uncond, w).float()  # eps, or v (v-prediction)
+            x_prev, log_prob, _, _ = ddim_step(sched, pred, t, x, eta, gens)
             if trajectory:
                 xs.append(x.cpu()), xps.append(x_prev.cpu()), lps.append(log_prob.cpu())
-                x0s.append(predicted_x0(sched, eps, t, x).cpu())
+                x0s.append(predicted_x0(sched, pred, t, x).cpu())
             x = x_prev
         out["latents"].append(x.cpu())
         if decode:
@@ -631,13 +679,18 @@ def load_image_folder(folder: str, size: int) -> torch.Tensor:
 
 def add_noise(scheduler, x0: torch.Tensor, generator: torch.Generator | None = None,
               t: torch.Tensor | None = None):
-    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps with t ~ U[0, 1000): returns (x_t, t, eps)."""
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps with t ~ U[0, 1000): returns (x_t, t, target),
+    the target being what the UNet is trained to output there: eps, or for a v-prediction model
+    v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0. (The methods call it eps: on SD v1.x and the toy it is.)"""
     n = len(x0)
     if t is None:
         t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator).to(x0.device)
     eps = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
     abar = scheduler.alphas_cumprod.to(x0.device)[t].view(n, *([1] * (x0.ndim - 1)))
-    return abar.sqrt() * x0 + (1 - abar).sqrt() * eps, t, eps
+    target = eps
+    if scheduler.config.prediction_type == "v_prediction":
+        target = abar.sqrt() * eps - (1 - abar).sqrt() * x0
+    return abar.sqrt() * x0 + (1 - abar).sqrt() * eps, t, target
 
 
 def select_trainable(unet: torch.nn.Module, which: str, verbose: bool = True) -> list[torch.nn.Parameter]:
@@ -673,6 +726,20 @@ def progress(n: int, desc: str):
 def show(bar, terms: dict) -> None:
     """Write the current loss terms into the progress bar, all in one format."""
     bar.set_postfix({k: f"{float(v):.4g}" for k, v in terms.items()}, refresh=False)
+
+
+def loss_scaler(mixed_precision: str, device: torch.device):
+    """fp16 loss scaling (torch.amp.GradScaler). Under fp16 autocast small gradients underflow to
+    zero unless the loss is scaled up before backward and the gradients scaled back down before the
+    step; a step whose gradients overflowed is skipped and the scale lowered. bf16 has fp32's range,
+    and fp32 needs nothing: there the scaler is switched off and every call passes through. Use:
+
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)     # the true gradients from here: clip or mask them now
+        scaler.step(opt)
+        scaler.update()
+    """
+    return torch.amp.GradScaler(device.type, enabled=mixed_precision == "fp16")
 
 
 def check_finite(step: int, **losses: torch.Tensor) -> None:
@@ -734,8 +801,11 @@ def versions() -> dict:
 
 
 def save_run(folder: Path, unet: torch.nn.Module, args, models: Models, started: float, **extra) -> dict:
-    """unet/ (diffusers format, safetensors) and run.json (every field of the `args` dataclass as
-    given, the model, versions, time, memory, and `extra`)."""
+    """unet/ (diffusers format, safetensors; float16 if `args.save_half`, the run's last use of
+    the UNet) and run.json (every field of the `args` dataclass as given, the model, versions,
+    time, memory, and `extra`)."""
+    if getattr(args, "save_half", False):
+        unet.to(torch.float16)  # halves the file; diffusers loads it as it is, or cast with torch_dtype
     unet.save_pretrained(folder / "unet", safe_serialization=True)
     run = {"args": dataclasses.asdict(args), "base_model": models.name, "base_model_path": models.path,
            "versions": versions(), "device": str(models.device),

@@ -520,11 +520,13 @@ class Args:
     seed: int = common.arg(0, "evaluation seed (the same seeds for every model)")
     device: str = common.arg("auto", "auto, cpu or cuda", choices=["auto", "cpu", "cuda"])
     mixed_precision: str = common.arg("no", "no, fp16 or bf16", choices=["no", "fp16", "bf16"])
+    sample_batch_size: int = common.arg(None, "prompts per sampling batch (default: 64 toy, 8 SD)", ">=1")
     json: bool = common.arg(False, "print the metrics as JSON (the shape of metrics.json)")
 
 
 def main():
     args = common.parse_args(Args)
+    common.check_ranges(args)
     if args.compare:
         print(compare([Path(r) for r in args.compare], Path(args.compare_grid)))
         print(f"grid: {args.compare_grid}")
@@ -535,7 +537,7 @@ def main():
         if not (run_dir / "run.json").exists():
             raise common.UsageError(f"{run_dir} is not a run folder (no run.json).")
         run = json.loads((run_dir / "run.json").read_text())
-        models = common.load_models(run["base_model"], device, dtype)
+        models = common.load_models(run["base_model"], device, dtype, args.sample_batch_size)
         ps = common.concept_prompts(run["args"]["concept"], models,
                                     common.read_prompt_list(run["args"].get("forget_prompts")),
                                     common.read_prompt_list(run["args"].get("retain_prompts")))
@@ -545,7 +547,7 @@ def main():
         if not args.concept:
             raise common.UsageError("say what to evaluate: --concept NAME (base model), --run FOLDER or "
                                     "--compare FOLDERS.")
-        models = common.load_models(args.model, device, dtype)
+        models = common.load_models(args.model, device, dtype, args.sample_batch_size)
         ps = common.concept_prompts(args.concept, models)
         metrics = report(models, ps, None, None, args.n_images, args.seed)
     print(json.dumps(metrics, indent=1) if args.json else format_table(metrics))

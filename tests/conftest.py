@@ -14,9 +14,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
-def make_tiny_sd(folder: Path) -> Path:
+def make_tiny_sd(folder: Path, **settings: object) -> Path:
     """A random pipeline with SD v1's module layout (CrossAttnDownBlock2D, attn1/attn2, a CLIP
-    text encoder, an AutoencoderKL), small enough to run in a second on a CPU."""
+    text encoder, an AutoencoderKL), small enough to run in a second on a CPU. `settings`
+    overrides the scheduler's settings (e.g. prediction_type="v_prediction" for an SD 2.x-like one)."""
     from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline,
                            UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -40,11 +41,11 @@ def make_tiny_sd(folder: Path) -> Path:
                         down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2,
                         block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=16)
-    scheduler = DDIMScheduler(**SCHEDULER)  # SD v1's noise schedule, as the toy uses
+    scheduler = DDIMScheduler(**{**SCHEDULER, **settings})  # SD v1's noise schedule, as the toy uses
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    out = folder / "tiny-sd"
+    out = folder / ("tiny-sd" + "".join(f"-{k}-{v}" for k, v in sorted(settings.items())))
     pipe.save_pretrained(out, safe_serialization=True)
     return out
 
@@ -52,6 +53,15 @@ def make_tiny_sd(folder: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory) -> Path:
     return make_tiny_sd(tmp_path_factory.mktemp("sd"))
+
+
+# SD 2.x's scheduler: v-prediction (the 768 px models), steps offset by one, alpha_T not set to one
+SD2_SCHEDULER = dict(prediction_type="v_prediction", steps_offset=1, set_alpha_to_one=False, clip_sample=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2(tmp_path_factory) -> Path:
+    return make_tiny_sd(tmp_path_factory.mktemp("sd2"), **SD2_SCHEDULER)
 
 
 # UNLEARN_TEST_DEVICE=cuda runs the toy-model tests on a GPU (the GPU path); CI uses the CPU.
