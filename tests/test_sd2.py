@@ -77,10 +77,12 @@ def test_a_scheduler_setting_the_code_does_not_handle_is_refused_in_one_sentence
 
 
 @pytest.mark.parametrize("script", ["pure.py", "rl_critic.py"])
-def test_two_steps_on_a_tiny_v_prediction_pipeline_save_a_unet_that_reloads(tiny_sd2, tmp_path, script):
+def test_two_steps_on_a_tiny_v_prediction_pipeline_save_a_unet_that_reloads_in_half_precision_too(tiny_sd2, tmp_path,
+                                                                                                  script):
     # PURE trains on the noising target (v here), CGRU on DDIM log-probabilities of v outputs
     out = tmp_path / "run"
-    extra = (["--steps", "2", "--n-forget", "2", "--n-retain", "2", "--batch-size", "2"] if script == "pure.py" else
+    extra = (["--steps", "2", "--n-forget", "2", "--n-retain", "2", "--batch-size", "2", "--save-half"]
+             if script == "pure.py" else
              ["--iterations", "2", "--samples-per-iteration", "4", "--sample-steps", "3", "--minibatch", "4",
               "--warmup-epochs", "2", "--critic-epochs", "1", "--clip-model", str(common.TOY_DIR / "clip"),
               "--lr", "1e-3", "--clip-range", "0.2"])
@@ -89,23 +91,18 @@ def test_two_steps_on_a_tiny_v_prediction_pipeline_save_a_unet_that_reloads(tiny
     assert r.returncode == 0, r.stderr[-3000:]
     assert changed_parameters(out / "unet", tiny_sd2 / "unet")
     assert json.loads((out / "run.json").read_text())["base_model"] == str(tiny_sd2)
+    if script == "pure.py":  # --save-half: a float16 UNet of half the size that plain diffusers loads
+        from diffusers import UNet2DConditionModel
+        from safetensors import safe_open
+        size = lambda folder: sum(p.stat().st_size for p in folder.glob("*.safetensors"))  # noqa: E731
+        assert 0.45 < size(out / "unet") / size(tiny_sd2 / "unet") < 0.55
+        with safe_open(next((out / "unet").glob("*.safetensors")), "pt") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+        unet = UNet2DConditionModel.from_pretrained(out / "unet", torch_dtype=torch.float16)
+        assert next(unet.parameters()).dtype == torch.float16
+        assert common.load_unet(out / "unet").dtype == torch.float32  # the project's loader casts it back
 
 
-def test_save_half_writes_a_float16_unet_of_half_the_size_that_plain_diffusers_loads(tiny_sd, tmp_path):
-    from diffusers import UNet2DConditionModel
-    out = tmp_path / "run"
-    r = run_script("baselines/esd.py", "--model", str(tiny_sd), "--concept", "church", "--steps", "1",
-                   "--sample-steps", "2", "--save-half", "--n-eval-images", "0", "--output-dir", str(out),
-                   "--device", "cpu", timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    size = lambda folder: sum(p.stat().st_size for p in folder.glob("*.safetensors"))  # noqa: E731
-    assert 0.45 < size(out / "unet") / size(tiny_sd / "unet") < 0.55
-    from safetensors import safe_open
-    with safe_open(next((out / "unet").glob("*.safetensors")), "pt") as f:
-        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
-    unet = UNet2DConditionModel.from_pretrained(out / "unet", torch_dtype=torch.float16)  # plain diffusers
-    assert next(unet.parameters()).dtype == torch.float16
-    assert common.load_unet(out / "unet").dtype == torch.float32  # the project's loader casts it back
 
 
 def test_sampling_in_chunks_gives_the_same_images_and_sd_samples_8_prompts_at_a_time(toy_models, tiny_sd):
