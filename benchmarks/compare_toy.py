@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -99,9 +100,9 @@ class Evaluator:
         """The base model's metrics (record) and retain-image CLIP features (cached in outputs/)."""
         if (concept, seed) in self._base:
             return self._base[(concept, seed)]
-        path, feats_path = record_path("base", concept, seed), WORK / f"base-{concept}-seed{seed}.pt"
+        path, feats_path = record_path("base", concept, seed), WORK / f"base-{concept}-seed{seed}.safetensors"
         if path.exists() and feats_path.exists():
-            out = json.loads(path.read_text())["metrics"], torch.load(feats_path)
+            out = json.loads(path.read_text())["metrics"], load_file(feats_path)["features"]
         else:
             ps, es = self.eval_set(concept, seed)
             t0 = time.time()
@@ -115,7 +116,7 @@ class Evaluator:
             m["fd_clip_floor"] = evaluation.frechet_distance(again, feats)
             m["kid_clip_floor"] = evaluation.kernel_distance(again, feats)
             feats_path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(feats, feats_path)
+            save_file({"features": feats.contiguous()}, feats_path)
             if not path.exists():  # a recomputed base (new machine) leaves the committed record alone
                 write_json(path, {"concept": concept, "seed": seed, "n_images": N_IMAGES, "commit": commit(),
                                   "eval_time_s": round(time.time() - t0, 1), "metrics": m})
