@@ -582,8 +582,12 @@ class Samples:
 @torch.no_grad()
 def sample(models: Models, prompts: list[str], seeds: list[int], unet=None, steps: int | None = None,
            guidance_scale: float | None = None, eta: float = 0.0, trajectory: bool = False,
-           batch_size: int | None = None, decode: bool = True, progress: bool = False) -> Samples:
+           batch_size: int | None = None, decode: bool = True, progress: bool = False,
+           text_states: torch.Tensor | None = None) -> Samples:
     """DDIM sampling with classifier-free guidance, one seed per image.
+
+    `text_states` (n, tokens, dim), if given, are the prompts' text states, used instead of encoding
+    `prompts` (attack.py samples from a learned embedding no word of the vocabulary spells).
 
     With eta = 0 the images equal diffusers' StableDiffusionPipeline with a DDIMScheduler and
     `generator=[torch.Generator().manual_seed(s) for s in seeds]` (tested). With `trajectory`
@@ -602,7 +606,7 @@ def sample(models: Models, prompts: list[str], seeds: list[int], unet=None, step
     for i in tqdm(chunks, desc="sampling", disable=not progress or len(chunks) < 2, leave=False):
         p, s = prompts[i:i + batch_size], seeds[i:i + batch_size]
         gens = [torch.Generator().manual_seed(int(x)) for x in s]
-        cond = encode_prompts(models, p)
+        cond = encode_prompts(models, p) if text_states is None else text_states[i:i + batch_size].to(models.device)
         uncond = encode_prompts(models, [""] * len(p))
         x = torch.cat([torch.randn((1, *latent_shape), generator=g) for g in gens]).to(models.device)
         x = x * sched.init_noise_sigma

@@ -17,6 +17,12 @@ How a comparison is kept fair and resumable:
   the benchmark resumes on any machine, and `--report-only` rebuilds docs/results.md,
   docs/claims.md and docs/tradeoff.png from the records without training.
 
+    python benchmarks/compare_toy.py --attack --seeds 0   # the embedding attack on the saved runs
+
+The attack (attack.py, same budget for every method) runs on the saved UNets in outputs/benchmark/
+and leaves records in benchmarks/records/attack/<method>/; its control, the same attack on the
+base model, is learned once per (concept, seed) and recorded in benchmarks/records/attack/base/.
+
 Intervals: a t-interval over the runs (mean +- t_{0.975, n-1} sd / sqrt(n)), the same everywhere;
 a claim's interval is the t-interval of the paired differences over the (concept, seed) units both
 methods share.
@@ -39,6 +45,7 @@ from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import attack  # noqa: E402
 import common  # noqa: E402
 import eval as evaluation  # noqa: E402
 from toy import world  # noqa: E402
@@ -53,6 +60,7 @@ CONCEPTS = world.SHAPES + world.TEXTURES
 SEEDS = [0, 1, 2]
 N_IMAGES = 64
 RECORDS = ROOT / "benchmarks" / "records"
+ATTACKS = RECORDS / "attack"
 WORK = ROOT / "outputs" / "benchmark"
 
 # ---------------------------------------------------------------------------------------------
@@ -164,6 +172,44 @@ def run_method(name: str, concept: str, seed: int, ev: Evaluator) -> dict | None
     return rec
 
 
+class Attacker:
+    """attack.py's attack with its toy budget, on its own copy of the toy model (the attack adds a
+    token to the tokenizer); its control on the base model learned once per (concept, seed)."""
+
+    def __init__(self):
+        self.models = common.load_models("toy", torch.device("cpu"))
+        self.models.unet.eval().requires_grad_(False)
+        self.judge = evaluation.Judge(self.models)
+        self.args = attack.Args(run="", **attack.TOY_DEFAULTS)
+
+    def _data(self, concept: str, seed: int):
+        ps = common.concept_prompts(concept, self.models)
+        self.args.seed = seed
+        return ps, attack.make_data(self.args, self.models, ps), attack.eval_seeds(seed, self.args.n_eval_images)
+
+    def one(self, name: str, concept: str, seed: int) -> dict | None:
+        """The attack on one saved run (or, name "base", on the base model), recorded."""
+        path = ATTACKS / name / f"{concept}-seed{seed}.json"
+        unet_folder = WORK / f"{name}-{concept}-seed{seed}" / "unet"
+        if path.exists() or (name != "base" and not unet_folder.exists()):
+            return None
+        t0 = time.time()
+        ps, x0, seeds = self._data(concept, seed)
+        unet = self.models.unet if name == "base" else common.load_unet(unet_folder).requires_grad_(False)
+        out = attack.attack(self.args, self.models, unet, self.judge, ps, x0, seeds, f"attack {name} {concept}")
+        budget = {k: getattr(self.args, k) for k in ("steps", "lr", "batch_size", "n_images", "init_word", "seed")}
+        rec = {"method": name, "concept": concept, "seed": seed, "commit": commit(),
+               "command": f"python attack.py --run {unet_folder.parent.relative_to(ROOT)}" if name != "base" else
+               "attack.attack on the base toy UNet (the control of python attack.py)",
+               "asr": out["asr"], "n_eval_images": len(seeds), "eval_seeds": [seeds[0], seeds[-1]],
+               "budget": {**budget, "prompt": attack.template(self.models, ps)}, "final_loss": out["final_loss"],
+               "nearest_words": out["nearest_words"], "wall_time_s": round(time.time() - t0, 1)}
+        write_json(path, rec)
+        print(f"  attack {name} {concept} seed {seed}: ASR {out['asr']:.0%} ({rec['wall_time_s']:.0f}s), "
+              f"nearest words {', '.join(w for w, _ in out['nearest_words'][:3])}", flush=True)
+        return rec
+
+
 # ---------------------------------------------------------------------------------------------
 # Statistics
 # ---------------------------------------------------------------------------------------------
@@ -206,6 +252,8 @@ def figures(rec: dict) -> dict:
         "forget_fidelity": 100 * u["forget_fidelity"], "forget_degenerate": 100 * u["forget_degenerate"],
         "fd_clip": u["fd_clip"], "kid_clip": u["kid_clip"],
         "clip_forget": u["clip_forget"], "clip_retain": u["clip_retain"], "wall_time_s": rec["wall_time_s"],
+        # the embedding attack's success on this run's UNet, where it was attacked (load_records)
+        "asr": 100 * rec["attack"]["asr"] if "attack" in rec else float("nan"),
         "meets_bar": float(evaluation.meets_bar(METHODS_BAR.get(rec["method"], rec["method"]), rec)),
     }
 
@@ -215,7 +263,7 @@ COLUMNS = [("ua", "UA (%)"), ("ua_synonym", "synonym UA (%)"), ("retain_in_drop"
            ("worst_drop", "worst in-domain value drop (pts)"), ("retain_cross_drop", "cross-domain retain drop (pts)"),
            ("forget_fidelity", "forget-prompt fidelity (%)"), ("forget_degenerate", "degenerate forget images (%)"),
            ("kid_clip", "KID-CLIP"), ("fd_clip", "FD-CLIP"), ("clip_forget", "CLIP forget"),
-           ("clip_retain", "CLIP retain"), ("wall_time_s", "wall time (s)")]
+           ("clip_retain", "CLIP retain"), ("asr", "embedding-attack ASR (%)"), ("wall_time_s", "wall time (s)")]
 
 
 def load_records() -> dict:
@@ -224,8 +272,17 @@ def load_records() -> dict:
     for name in list(METHODS) + list(VARIANTS):
         for path in sorted((RECORDS / name).glob("*.json")):
             rec = json.loads(path.read_text())
+            hit = ATTACKS / name / path.name
+            if hit.exists():
+                rec["attack"] = json.loads(hit.read_text())
             out[(name, rec["concept"], rec["seed"])] = rec
     return out
+
+
+def load_base_attacks() -> dict:
+    """(concept, seed) -> the attack's control record on the base model."""
+    return {(r["concept"], r["seed"]): r for r in map(lambda p: json.loads(p.read_text()),
+                                                       sorted((ATTACKS / "base").glob("*.json")))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,7 +393,7 @@ def label(name: str) -> str:
 def concept_table(records: dict, name: str) -> list[str]:
     cols = [("ua", "UA (%)"), ("retain_in_drop", "in-domain retain drop (pts)"),
             ("worst_drop", "worst-value drop (pts)"), ("forget_fidelity", "forget fidelity (%)"),
-            ("kid_clip", "KID-CLIP")]
+            ("kid_clip", "KID-CLIP"), ("asr", "attack ASR (%)")]
     lines = ["| concept | seeds | " + " | ".join(c for _, c in cols) + " | worst-hit values | seeds meeting the bar |",
              "|---" * (len(cols) + 4) + "|"]
     for concept in CONCEPTS:
@@ -346,7 +403,10 @@ def concept_table(records: dict, name: str) -> list[str]:
         figs = [figures(r) for r in recs]
         cells = []
         for k, _ in cols:
-            v = [f[k] for f in figs]
+            v = [f[k] for f in figs if not math.isnan(f[k])]
+            if not v:
+                cells.append("-")
+                continue
             d = 2 if k == "kid_clip" else 0
             cells.append(fmt(float(np.mean(v)), d) + (f" ({fmt(min(v), d)} to {fmt(max(v), d)})" if len(v) > 1 else ""))
         worst = ", ".join(r["unlearned"]["retain_in_worst_value"] for r in recs)
@@ -432,6 +492,39 @@ def tradeoff_figure(records: dict, path: Path) -> None:
     img.save(path, optimize=False)
 
 
+def attack_section(records: dict) -> list[str]:
+    """Does the concept come back? The embedding attack's success per method, beside the share of
+    plain forget-prompt images that still show the concept (100 - UA) on the same runs."""
+    base = load_base_attacks()
+    attacked = {k: r for k, r in records.items() if "attack" in r}
+    if not attacked:
+        return []
+    budget = next(iter(attacked.values()))["attack"]["budget"]
+    seeds = sorted({s for (_, _, s) in attacked})
+    lines = ["## Does the concept come back? The embedding attack", "",
+             "`attack.py` learns one new token embedding v against each saved UNet (textual inversion, "
+             "everything else frozen) from the base model's images of the concept, then samples \"" +
+             budget["prompt"] + "\" and counts the images the judge calls the concept (ASR). Budget, the same for "
+             f"every run: {budget['steps']} steps, lr {budget['lr']:g}, batch {budget['batch_size']}, "
+             f"{budget['n_images']} images, initialised from \"{budget['init_word']}\"; "
+             f"{next(iter(attacked.values()))['attack']['n_eval_images']} images judged per run. "
+             f"Attacked so far: the runs of seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}. "
+             "Control: the same attack against the base model"
+             + (" recovers the concept in " + fmt_interval([100 * r["asr"] for r in base.values()])
+                + f"% of its images (min {100 * min(r['asr'] for r in base.values()):.0f}%, "
+                f"{len(base)} (concept, seed) units)" if base else "") + ".", "",
+             "| method | attacked runs | concept in plain forget-prompt images (%, 100 - UA) | "
+             "concept in attack images (ASR, %) | ASR minus (100 - UA) (pts) |", "|---|---|---|---|---|"]
+    for name in [n for n in list(METHODS) + list(VARIANTS)]:
+        figs = [figures(r) for (n, _, _), r in attacked.items() if n == name]
+        if figs:
+            plain = [100 - f["ua"] for f in figs]
+            lines.append(f"| {label(name)} | {len(figs)} | {fmt_interval(plain)} | "
+                         f"{fmt_interval([f['asr'] for f in figs])} | "
+                         f"{fmt_interval([f['asr'] - p for f, p in zip(figs, plain)])} |")
+    return lines + [""]
+
+
 def write_docs(records: dict, docs: Path, command_note: str) -> None:
     names = [n for n in list(METHODS) + list(VARIANTS) if any(k[0] == n for k in records)]
     n_main = sum(1 for (n, _, _) in records if n in METHODS)
@@ -480,6 +573,7 @@ def write_docs(records: dict, docs: Path, command_note: str) -> None:
                   "For every (method, concept) measured with 3 seeds: how much the figure moves between "
                   "seeds, against how much the 3-seed means differ between methods and concepts.", ""]
         lines += scatter + [""]
+    lines += attack_section(records)
     lines += ["## Per concept (3-seed mean, min to max in brackets)", ""]
     for name in names:
         lines += [f"### {label(name)}", ""] + concept_table(records, name) + [""]
@@ -539,9 +633,19 @@ def main():
     p.add_argument("--concepts", nargs="*", default=CONCEPTS, choices=CONCEPTS, help="toy concepts")
     p.add_argument("--seeds", nargs="*", type=int, default=SEEDS, help="seeds")
     p.add_argument("--report-only", action="store_true", help="run nothing: rewrite the docs from the records")
+    p.add_argument("--attack", action="store_true", help="run the embedding attack (attack.py) on the saved runs "
+                   "that have none yet, instead of training")
     p.add_argument("--docs", default="docs", help="where results.md, claims.md and tradeoff.png go")
     args = p.parse_args()
-    if not args.report_only:
+    if args.attack and not args.report_only:
+        attacker, started, made = None, time.time(), 0
+        for seed in args.seeds:
+            for concept in args.concepts:
+                for name in ["base"] + args.methods:
+                    attacker = attacker or Attacker()
+                    made += attacker.one(name, concept, seed) is not None
+        print(f"{made} attacks made in {(time.time() - started) / 60:.1f} min")
+    elif not args.report_only:
         ev, started, made = None, time.time(), 0
         # concept and seed outermost: each base evaluation is made once and every method reuses it
         for seed in args.seeds:

@@ -1,0 +1,68 @@
+"""How much budget does the embedding attack need to bring a concept back from the BASE model?
+Learns attack.py's placeholder embedding against the base toy UNet, concept by concept, and
+judges "a <v*>" (64 images, attack.py's evaluation seeds) every --every steps.
+
+    python benchmarks/probes/attack_budget.py                       # attack.py's budget, 10 concepts
+    python benchmarks/probes/attack_budget.py --lr 3e-3 --steps 300 --concepts circle dotted
+
+Measured 2026-12-01 (lr 1e-2, batch 16, 64 images, init "shape", seed 0): at least 91% of the
+images show the concept after 50, 100 and 150 steps on every shape and texture (docs/attack.md).
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+import attack  # noqa: E402
+import common  # noqa: E402
+import eval as evaluation  # noqa: E402
+from toy import world  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--concepts", nargs="*", default=world.SHAPES + world.TEXTURES, help="toy concepts")
+    p.add_argument("--lr", type=float, default=attack.TOY_DEFAULTS["lr"], help="Adam learning rate of v")
+    p.add_argument("--batch-size", type=int, default=attack.TOY_DEFAULTS["batch_size"], help="images per step")
+    p.add_argument("--steps", type=int, default=attack.TOY_DEFAULTS["steps"], help="steps in all")
+    p.add_argument("--every", type=int, default=50, help="judge every this many steps")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data, the steps and the images")
+    a = p.parse_args()
+    args = attack.Args(run="", **{**attack.TOY_DEFAULTS, "lr": a.lr, "batch_size": a.batch_size, "seed": a.seed})
+    models = common.load_models("toy", torch.device("cpu"))
+    models.unet.eval().requires_grad_(False)
+    judge = evaluation.Judge(models)
+    seeds = attack.eval_seeds(a.seed, args.n_eval_images)
+    for concept in a.concepts:
+        t0 = time.time()
+        ps = common.concept_prompts(concept, models)
+        prompt = attack.template(models, ps)
+        x0 = attack.make_data(args, models, ps)
+        placeholder = attack.Placeholder(models, args.init_word)
+        opt = torch.optim.Adam([placeholder.v], lr=a.lr)
+        g = torch.Generator().manual_seed(a.seed)  # the stream attack.learn_embedding draws
+        asr = {}
+        for step in range(1, a.steps + 1):
+            idx = torch.randint(0, len(x0), (a.batch_size,), generator=g)
+            x_t, t, eps = common.add_noise(models.scheduler, x0[idx], g)
+            total, _ = attack.loss(models.unet, placeholder, models, (x_t, t, eps), prompt)
+            opt.zero_grad()
+            total.backward()
+            opt.step()
+            if step % a.every == 0:
+                with torch.no_grad():
+                    states = placeholder.text_states([prompt] * len(seeds))
+                asr[step] = attack.success_rate(models, models.unet, judge, ps, [prompt] * len(seeds), seeds, states)[0]
+        placeholder.remove()
+        print(json.dumps({"concept": concept, "asr_base_by_step": asr, "nearest_words": placeholder.nearest_words(3),
+                          "seconds": round(time.time() - t0)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
