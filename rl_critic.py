@@ -18,13 +18,18 @@ trajectories are reused off-policy. Everything more specific is reconstructed fr
            (h' = (1 + g(t)) h + b(t)) -> concat with the prompt's CLIP text embedding -> MLP.
            Monte-Carlo regression on terminal rewards, warm-up on the reference's rollouts, then
            refit each iteration from a replay buffer of recent trajectories.
-  update   GAE with gamma = 1 on the critic's per-step values, PPO clipped objective, optional
-           per-step KL to the frozen reference, held on the retain prompts' steps.
+  update   GAE with gamma = 1 on the critic's per-step values (computed before the critic is
+           refitted on that rollout), PPO clipped objective, optional per-step KL to the frozen
+           reference, held on the retain prompts' steps.
+  reuse    off-policy: the policy also trains on the trajectories of the last --reuse-iterations
+           iterations, each step weighted by the PPO ratio against the log-probability its
+           behaviour policy (the policy that sampled it) gave it, stored when it was sampled.
   toy      reconstructed from our measurements: the policy explores at guidance 1 while training
            and the KL is on (see TOY_DEFAULTS), else the toy's reference policy almost never
            samples anything but the concept and there is nothing to learn from.
 The policy trains cross-attention matrices, not LoRA adapters (peft is not a dependency); the SD
-defaults are DDPO's and have not been run on Stable Diffusion here. The derivation, what is
+defaults are DDPO's, with a learning rate for full matrices, and are untested: no run on Stable
+Diffusion has been made here. The derivation, what is
 reconstructed, and the evidence behind the defaults: docs/methods/rl_critic.md.
 
     python rl_critic.py --model toy --concept circle      # CPU, offline, a few minutes
@@ -62,6 +67,9 @@ class Args:
                                              "(the final report samples at the model's own)", ">=0")
     lr: float = common.arg(None, "policy Adam learning rate", ">0")
     ppo_epochs: int = common.arg(1, "passes over each iteration's (state, action) pairs", ">=1")
+    reuse_iterations: int = common.arg(0, "off-policy reuse: also train on the trajectories of this many "
+                                          "previous iterations, through PPO ratios against their stored "
+                                          "behaviour log-probs (0: on-policy)", ">=0")
     minibatch: int = common.arg(None, "(state, action) pairs per policy gradient step", ">=1")
     clip_range: float = common.arg(None, "PPO ratio clip epsilon", ">0")
     gae_lambda: float = common.arg(0.95, "GAE lambda: 0 = per-step critic differences, 1 = r - V(s_t)", "[0,1]")
@@ -98,9 +106,10 @@ class Args:
 
 
 # Where the toy and Stable Diffusion defaults differ. Evidence: docs/methods/rl_critic.md, "Defaults".
-# untested on SD: lr 3e-4 is DDPO's rate for rank-4 LoRA adapters, applied here to full matrices.
+# untested on SD. lr: DDPO's 3e-4 is for rank-4 LoRA adapters; full cross-attention matrices get
+# the rate PURE and MiM-MU use for them on SD.
 SD_DEFAULTS = dict(iterations=100, samples_per_iteration=64, sample_steps=50, guidance_scale=5.0,
-                   lr=3e-4, minibatch=8, clip_range=1e-4, train_steps=1.0, kl_weight=0.0,
+                   lr=1e-5, minibatch=8, clip_range=1e-4, train_steps=1.0, kl_weight=0.0,
                    clip_model="openai/clip-vit-base-patch32")
 # reconstructed (toy): the policy explores at guidance 1 while training, the KL holds the retain
 # prompts, PPO trains the noisiest half of each trajectory (docs/methods/rl_critic.md)
@@ -338,10 +347,21 @@ def fit_critic(critic, opt, buffer: list, epochs: int, generator: torch.Generato
     return val_mse
 
 
+def replayed(replay: list) -> tuple[dict, torch.Tensor]:
+    """The trajectories the policy trains on, concatenated: this iteration's and the replayed ones
+    (each with the behaviour log-probs and advantages stored when it was sampled)."""
+    keys = ("x_t", "x_prev", "log_probs", "is_forget")
+    roll = {k: torch.cat([r[k] for r in replay]) for k in keys}
+    roll["prompts"] = [p for r in replay for p in r["prompts"]]
+    roll["timesteps"] = replay[-1]["timesteps"]  # the same DDIM steps in every iteration
+    return roll, torch.cat([r["adv"] for r in replay])
+
+
 def policy_update(args: Args, models: common.Models, unet_ref, params, opt, roll: dict, adv: torch.Tensor,
                   generator: torch.Generator, scaler=None) -> dict:
-    """PPO epochs over this iteration's (state, action) pairs, re-scoring the stored actions under theta.
-    `scaler`: the run's fp16 loss scaler (common.loss_scaler), kept across iterations."""
+    """PPO epochs over the (state, action) pairs of `roll` (this iteration's trajectories and any
+    replayed ones), re-scoring the stored actions under theta against the stored behaviour
+    log-probs. `scaler`: the run's fp16 loss scaler (common.loss_scaler), kept across iterations."""
     unet = models.unet.train()
     scaler = scaler or common.loss_scaler(args.mixed_precision, models.device)
     n, T = adv.shape
@@ -372,13 +392,30 @@ def policy_update(args: Args, models: common.Models, unet_ref, params, opt, roll
     return stats
 
 
+@torch.no_grad()
+def critic_values(critic, h: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor, device) -> torch.Tensor:
+    """V_phi(s_t) of every state of a rollout: (n, T), in sampling order (noisiest first)."""
+    n, T = h.shape[:2]
+    return critic(h.flatten(0, 1).to(device), timesteps.repeat(n).to(device),
+                  text.repeat_interleave(T, 0).to(device)).view(n, T).cpu()
+
+
+def normalise_advantages(adv: torch.Tensor, n_train: int) -> torch.Tensor:
+    """Standardise with the mean and std of the steps PPO trains on (the noisiest n_train of each
+    trajectory; the others never reach the loss), then clip to +-5."""
+    trained = adv[:, :n_train]
+    return ((adv - trained.mean()) / (trained.std() + 1e-8)).clamp(-5, 5)
+
+
 def train(args: Args, models: common.Models, ps: common.PromptSet, unet_ref, params, clip, critic) -> dict:
+    """Iteration 0 warms the critic up on the reference policy's rollouts; each later iteration
+    samples, computes advantages with the critic as it was, refits the critic, updates the policy."""
     opt = torch.optim.Adam(params, lr=args.lr)
     scaler = common.loss_scaler(args.mixed_precision, models.device)
     critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)
     judge = evaluation.Judge(models, clip) if args.reward == "classifier" else None
     g = torch.Generator().manual_seed(args.seed)
-    buffer, scale, log = [], None, {}
+    buffer, replay, scale, log = [], [], None, {}
     bar = common.progress(args.iterations + 1, "CGRU")
     for it in bar:
         roll = with_text(rollouts(args, models, ps, seed=args.seed * 100_000 + it), clip)
@@ -392,22 +429,24 @@ def train(args: Args, models: common.Models, ps: common.PromptSet, unet_ref, par
             scale = (0.5 * (raw[f].var() + raw[~f].var())).sqrt() + 1e-6
         r = (raw - torch.where(f, mean["forget"], mean["retain"])) / scale
         h = state_features(args, models, clip, roll)
+        # V(s_t) from the critic before it is refitted on this rollout: a baseline that has seen
+        # the returns it is subtracted from shrinks the advantages toward 0 (it 0 has no update)
+        values = critic_values(critic, h, roll["timesteps"], roll["text"], models.device) if it > 0 else None
         buffer = (buffer + [dict(h=h, t=roll["timesteps"][None], text=roll["text"], r=r)])
         buffer = buffer[-args.buffer_iterations:]
         # validation MSE of the critic (on this rollout, before fitting) vs the reward's variance
         critic_mse = fit_critic(critic, critic_opt, buffer, args.warmup_epochs if it == 0 else args.critic_epochs,
                                 g, models.device)
         reward_var = r.var().item()
-        if it == args.iterations:  # the last rollout only measures where the policy ended
-            break
-        with torch.no_grad():
-            n, T = h.shape[:2]
-            values = critic(h.flatten(0, 1).to(models.device), roll["timesteps"].repeat(n).to(models.device),
-                            roll["text"].repeat_interleave(T, 0).to(models.device)).view(n, T).cpu()
-        adv = gae(values, r, args.gae_lambda)
-        # normalise over the batch, clip to +-5
-        adv = ((adv - adv.mean()) / (adv.std() + 1e-8)).clamp(-5, 5)
-        stats = policy_update(args, models, unet_ref, params, opt, roll, adv, g, scaler)
+        if it == 0:  # warm-up: the critic has now seen the reference policy
+            continue
+        n_train = max(1, round(roll["x_t"].shape[1] * args.train_steps))
+        adv = normalise_advantages(gae(values, r, args.gae_lambda), n_train)
+        # off-policy reuse: keep this rollout (its behaviour log-probs are already stored) with its
+        # advantages; replayed ones keep the advantages computed when they were sampled
+        keep = ("prompts", "is_forget", "x_t", "x_prev", "log_probs", "timesteps")
+        replay = (replay + [{**{k: roll[k] for k in keep}, "adv": adv}])[-(args.reuse_iterations + 1):]
+        stats = policy_update(args, models, unet_ref, params, opt, *replayed(replay), g, scaler)
         log = {"r_forget": raw[f].mean().item(), "r_retain": raw[~f].mean().item(),
                "critic_mse": critic_mse, "reward_var": reward_var, **stats}
         common.show(bar, log)

@@ -218,3 +218,54 @@ def test_cgru_defaults_forget_triangle_at_seed_0_and_its_critic_explains_the_rew
     m, run = _cgru_toy_run(tmp_path, "triangle")
     assert run["critic_mse"] < run["reward_var"]
     assert evaluation.meets_bar("rl_critic", m), m["unlearned"]
+
+
+def test_advantages_are_standardised_over_the_steps_that_train():
+    adv = torch.arange(12.0).view(3, 4)
+    adv[:, 2:] += 100                          # the last two steps of each trajectory never train
+    trained = rl_critic.normalise_advantages(adv, 2)[:, :2]
+    # standardised over the trained steps (statistics over all steps would give mean -0.96, std 0.07)
+    assert abs(trained.mean().item()) < 1e-6 and abs(trained.std().item() - 1) < 1e-5
+
+
+def _tiny_train(toy_models, monkeypatch, calls, reuse):
+    """Three CGRU iterations on the toy with a tiny budget, the critic and the policy update spied on."""
+    import dataclasses
+    models = dataclasses.replace(toy_models, unet=common.frozen_copy(toy_models.unet))
+    args = rl_critic.parse_args(["--model", "toy", "--concept", "circle", "--iterations", "3",
+                                 "--samples-per-iteration", "4", "--sample-steps", "2", "--warmup-epochs", "1",
+                                 "--critic-epochs", "1", "--reuse-iterations", str(reuse)])
+    params = common.select_trainable(models.unet, args.train, verbose=False)
+    clip = rl_critic.evaluation.load_clip(models)
+    critic = rl_critic.Critic(clip.model.config.projection_dim, clip.model.config.projection_dim)
+    for name in ("fit_critic", "critic_values", "policy_update"):
+        original = getattr(rl_critic, name)
+
+        def spy(*a, _name=name, _original=original, **kw):
+            calls.append((_name, a))
+            return _original(*a, **kw)
+        monkeypatch.setattr(rl_critic, name, spy)
+    rl_critic.train(args, models, common.concept_prompts("circle", models), common.frozen_copy(models.unet),
+                    params, clip, critic)
+
+
+def test_the_critic_values_each_rollout_before_it_is_refitted_on_it(toy_models, monkeypatch):
+    calls = []
+    _tiny_train(toy_models, monkeypatch, calls, reuse=0)
+    order = [name for name, _ in calls]
+    # warm-up fit on the reference's rollout, then per iteration: values, fit, update
+    assert order == ["fit_critic"] + ["critic_values", "fit_critic", "policy_update"] * 3
+
+
+def test_replayed_trajectories_keep_their_stored_behaviour_log_probs_up_to_the_age_cap(toy_models, monkeypatch):
+    calls = []
+    _tiny_train(toy_models, monkeypatch, calls, reuse=1)
+    updates = [a for name, a in calls if name == "policy_update"]
+    rolls = [u[5] for u in updates]          # policy_update(args, models, unet_ref, params, opt, roll, adv, ...)
+    advs = [u[6] for u in updates]
+    assert [len(r["prompts"]) for r in rolls] == [4, 8, 8]    # itself, then itself + one replayed iteration
+    # iteration 2 replays iteration 1's trajectories with the log-probs and advantages stored at
+    # sampling time (the policy has moved since: recomputing them would give other numbers)
+    assert torch.equal(rolls[1]["log_probs"][:4], rolls[0]["log_probs"])
+    assert torch.equal(advs[1][:4], advs[0])
+    assert torch.equal(rolls[2]["log_probs"][:4], rolls[1]["log_probs"][4:])  # iteration 1 aged out
