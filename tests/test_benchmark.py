@@ -65,3 +65,27 @@ def test_every_record_names_its_command_commit_and_arguments():
         assert rec["commit"] and rec["seed"] in (0, 1, 2), path
         if path.parent.name != "base":
             assert rec["command"].startswith("python ") and rec["args"]["seed"] == rec["seed"], path
+
+
+def test_every_attack_record_names_its_budget_and_the_attack_brings_each_concept_back_from_the_base():
+    import attack
+    recs = [json.loads(p.read_text()) for p in sorted((compare_toy.ATTACKS).glob("*/*.json"))]
+    assert recs
+    for rec in recs:
+        assert rec["commit"] and rec["n_eval_images"] == 64 and rec["command"]
+        assert {k: rec["budget"][k] for k in ("steps", "lr", "batch_size", "n_images", "init_word")} == \
+            {k: attack.TOY_DEFAULTS[k] for k in ("steps", "lr", "batch_size", "n_images", "init_word")}
+    controls = [r for r in recs if r["method"] == "base"]
+    # measured 2026-12-01 at seed 0: 91% (cross, solid) to 100%
+    assert len(controls) >= 10 and min(r["asr"] for r in controls) >= 0.8
+
+
+def test_every_variant_is_a_command_line_its_method_accepts():
+    import importlib
+    for name, (method, extra) in compare_toy.VARIANTS.items():
+        script = compare_toy.METHODS[method][0]
+        module = importlib.import_module(script.removesuffix(".py").replace("/", "."))
+        args = module.parse_args(["--model", "toy", "--concept", "circle", *extra])
+        assert args.concept == "circle", name
+    assert compare_toy.VARIANTS["vdu_2_snapshots"][1][-2:] == ["toy/snapshots/unet-1", "toy/snapshots/unet-2"]
+    assert all((compare_toy.ROOT / p).is_dir() for p in compare_toy.VARIANTS["vdu_2_snapshots"][1][-2:])
