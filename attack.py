@@ -135,7 +135,7 @@ def setup(args: Args, run: dict):
     run's concept, and the run's unlearned UNet, frozen and only read."""
     device, dtype = common.seed_and_device(args.seed, args.device, args.mixed_precision)
     models = common.load_models(run["args"]["model"], device, dtype, args.sample_batch_size)
-    ps = common.concept_prompts(run["args"]["concept"], models, run["args"].get("forget_prompts") or None)
+    ps = common.concept_prompts(run["args"]["concept"], models, common.read_prompt_list(run["args"].get("forget_prompts")))
     unet = common.load_unet(Path(args.run) / "unet", device).requires_grad_(False)
     models.unet.eval().requires_grad_(False)
     check_init_word(args.init_word, ps, models)
