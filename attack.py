@@ -193,8 +193,10 @@ def learn_embedding(args: Args, models: common.Models, unet, x0: torch.Tensor, p
     scaler = common.loss_scaler(args.mixed_precision, models.device)
     g = torch.Generator().manual_seed(args.seed)
     if args.gradient_checkpointing:
+        # diffusers checkpoints only in training mode; SD's UNet has no dropout or batch norm, so
+        # the mode changes nothing else
         unet.enable_gradient_checkpointing()
-    unet.train(False)
+    unet.train(args.gradient_checkpointing)
     bar = common.progress(args.steps, desc)
     for step in bar:
         idx = torch.randint(0, len(x0), (args.batch_size,), generator=g)
@@ -206,6 +208,7 @@ def learn_embedding(args: Args, models: common.Models, unet, x0: torch.Tensor, p
         scaler.step(opt)
         scaler.update()
         common.show(bar, {k: v.detach() for k, v in terms.items()})
+    unet.eval()
     return placeholder, total.item()
 
 
