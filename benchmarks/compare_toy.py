@@ -525,7 +525,8 @@ def attack_section(records: dict) -> list[str]:
              f"every run: {budget['steps']} steps, lr {budget['lr']:g}, batch {budget['batch_size']}, "
              f"{budget['n_images']} images, initialised from \"{budget['init_word']}\"; "
              f"{next(iter(attacked.values()))['attack']['n_eval_images']} images judged per run. "
-             f"Attacked so far: the runs of seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}. "
+             "Attacked so far: " + ", ".join(f"{sum(1 for k in attacked if k[2] == s)} runs of seed {s}" for s in seeds)
+             + " (which: the per-concept tables' ASR column). "
              "Control: the same attack against the base model"
              + (" recovers the concept in " + fmt_interval([100 * r["asr"] for r in base.values()])
                 + f"% of its images (min {100 * min(r['asr'] for r in base.values()):.0f}%, "
