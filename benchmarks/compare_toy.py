@@ -190,11 +190,16 @@ class Attacker:
         self.models.unet.eval().requires_grad_(False)
         self.judge = evaluation.Judge(self.models)
         self.args = attack.Args(run="", **attack.TOY_DEFAULTS)
+        self._cache = {}
 
     def _data(self, concept: str, seed: int):
-        ps = common.concept_prompts(concept, self.models)
+        """The prompt set, D_f and the judged seeds of a (concept, seed), drawn once for every method."""
         self.args.seed = seed
-        return ps, attack.make_data(self.args, self.models, ps), attack.eval_seeds(seed, self.args.n_eval_images)
+        if (concept, seed) not in self._cache:
+            ps = common.concept_prompts(concept, self.models)
+            self._cache = {(concept, seed): (ps, attack.make_data(self.args, self.models, ps),
+                                             attack.eval_seeds(seed, self.args.n_eval_images))}
+        return self._cache[(concept, seed)]
 
     def one(self, name: str, concept: str, seed: int) -> dict | None:
         """The attack on one saved run (or, name "base", on the base model), recorded."""
