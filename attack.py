@@ -232,7 +232,7 @@ def attack(args: Args, models: common.Models, unet, judge, ps: common.PromptSet,
     placeholder.remove()
     asr, images = success_rate(models, unet, judge, ps, [prompt] * len(seeds), seeds, states)
     return {"asr": asr, "images": images, "text_states": states, "final_loss": final_loss,
-            "nearest_words": placeholder.nearest_words(), "v": placeholder.v.detach().cpu()}
+            "nearest_words": placeholder.nearest_words()}
 
 
 # --- Save and report ---

@@ -44,22 +44,15 @@ def main():
         ps = common.concept_prompts(concept, models)
         prompt = attack.template(models, ps)
         x0 = attack.make_data(args, models, ps)
-        placeholder = attack.Placeholder(models, args.init_word)
-        opt = torch.optim.Adam([placeholder.v], lr=a.lr)
-        g = torch.Generator().manual_seed(a.seed)  # the stream attack.learn_embedding draws
         asr = {}
-        for step in range(1, a.steps + 1):
-            idx = torch.randint(0, len(x0), (a.batch_size,), generator=g)
-            x_t, t, eps = common.add_noise(models.scheduler, x0[idx], g)
-            total, _ = attack.loss(models.unet, placeholder, models, (x_t, t, eps), prompt)
-            opt.zero_grad()
-            total.backward()
-            opt.step()
-            if step % a.every == 0:
-                with torch.no_grad():
-                    states = placeholder.text_states([prompt] * len(seeds))
-                asr[step] = attack.success_rate(models, models.unet, judge, ps, [prompt] * len(seeds), seeds, states)[0]
-        placeholder.remove()
+        for steps in range(a.every, a.steps + 1, a.every):
+            # attack.learn_embedding is seeded: its first k steps are those of a longer run
+            args.steps = steps
+            placeholder, _ = attack.learn_embedding(args, models, models.unet, x0, prompt, f"{concept} {steps}")
+            with torch.no_grad():
+                states = placeholder.text_states([prompt] * len(seeds))
+            placeholder.remove()
+            asr[steps] = attack.success_rate(models, models.unet, judge, ps, [prompt] * len(seeds), seeds, states)[0]
         print(json.dumps({"concept": concept, "asr_base_by_step": asr, "nearest_words": placeholder.nearest_words(3),
                           "seconds": round(time.time() - t0)}), flush=True)
 
