@@ -85,8 +85,10 @@ def commit() -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                               text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
+        # "+changes": tracked code differs from the commit (the docs and records this script itself
+        # rewrites do not count, so a run made between two benchmark invocations is not flagged)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!docs",
+                                ":!benchmarks/records"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
         return head + ("+changes" if dirty else "") if head else "unknown"
     except OSError:
         return "unknown"
