@@ -85,8 +85,10 @@ def commit() -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                               text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
+        # "+changes": tracked code differs from the commit (the docs and records this script itself
+        # rewrites do not count, so a run made between two benchmark invocations is not flagged)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!docs",
+                                ":!benchmarks/records"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
         return head + ("+changes" if dirty else "") if head else "unknown"
     except OSError:
         return "unknown"
@@ -458,10 +460,11 @@ def quality_scatter(records: dict) -> list[str]:
             "of the 3-seed means | ratio (lower: more stable) |", "|---" * 5 + "|"] + lines
 
 
-def tradeoff_figure(records: dict, path: Path) -> None:
+def tradeoff_figure(records: dict, path: Path, names: list[str] | None = None, name_label=None) -> None:
     """In-domain retain drop (y) against UA (x): faint dots for single runs, one marker per method
-    at its mean with 95% intervals as error bars. Drawn with PIL (no plotting dependency) so that
-    it is byte-identical on every machine."""
+    (or the given names, e.g. search candidates) at its mean with 95% intervals as error bars. Drawn
+    with PIL (no plotting dependency) so that it is byte-identical on every machine."""
+    names, name_label = list(METHODS) if names is None else names, name_label or label
     from PIL import Image, ImageDraw
     w, h, left, right, top, bottom = 760, 520, 70, 200, 30, 60
     img = Image.new("RGB", (w, h), "white")
@@ -489,8 +492,9 @@ def tradeoff_figure(records: dict, path: Path) -> None:
     d.text((left + 150, h - 22), "UA (%): share of forget images without the concept ->", fill="black")
     d.text((6, 8), "in-domain retain drop (points, base - unlearned): up is better", fill="black")
     d.text((bar_x + 4, h - bottom - 14), "UA bar", fill=(120, 120, 120))
-    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (110, 110, 110), (148, 103, 189)]
-    for i, name in enumerate(METHODS):
+    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (110, 110, 110), (148, 103, 189),
+               (140, 86, 75), (227, 119, 194)]
+    for i, name in enumerate(names):
         figs = [figures(r) for (n, _, _), r in records.items() if n == name]
         if not figs:
             continue
@@ -508,8 +512,8 @@ def tradeoff_figure(records: dict, path: Path) -> None:
         d.rectangle([x - 5, y - 5, x + 5, y + 5], fill=col)
         ly = top + 20 * i
         d.rectangle([w - right + 15, ly, w - right + 25, ly + 10], fill=col)
-        d.text((w - right + 32, ly - 1), f"{label(name)} ({len(figs)})", fill="black")
-    d.text((w - right + 15, top + 20 * len(METHODS) + 10), "square: mean, bars: 95%\ninterval, dots: runs",
+        d.text((w - right + 32, ly - 1), f"{name_label(name)} ({len(figs)})", fill="black")
+    d.text((w - right + 15, top + 20 * len(names) + 10), "square: mean, bars: 95%\ninterval, dots: runs",
            fill="black")
     img.save(path, optimize=False)
 

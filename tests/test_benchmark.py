@@ -89,3 +89,22 @@ def test_every_variant_is_a_command_line_its_method_accepts():
         assert args.concept == "circle", name
     assert compare_toy.VARIANTS["vdu_2_snapshots"][1][-2:] == ["toy/snapshots/unet-1", "toy/snapshots/unet-2"]
     assert all((compare_toy.ROOT / p).is_dir() for p in compare_toy.VARIANTS["vdu_2_snapshots"][1][-2:])
+
+
+def test_the_vdu_search_chooses_by_its_stated_rule_and_its_candidates_are_command_lines():
+    sys.path.insert(0, str(ROOT / "benchmarks" / "probes"))
+    import vdu
+    import vdu_search
+
+    for key, (name, extra) in vdu_search.CANDIDATES.items():
+        if extra is not None:
+            assert vdu.parse_args(["--model", "toy", "--concept", "circle", *extra]).concept == "circle", key
+
+    def s(runs, ua, drop, meets):
+        return {"runs": runs, "ua": (ua, 0, 0), "drop": (drop, 0, 0), "meets": meets}
+    # only candidates with 10 concepts x 3 seeds count; among those keeping the drop <= 10, the highest UA
+    assert vdu_search.choose({"a": s(10, 99, 0, 10)}) == (None, False)
+    assert vdu_search.choose({"a": s(30, 80, 5, 12), "b": s(30, 92, 9, 20), "c": s(30, 99, 20, 25)}) == ("b", True)
+    assert vdu_search.choose({"a": s(30, 80, 5, 12), "c": s(30, 99, 20, 25)}) == ("a", False)
+    # none keeps the drop: most runs meeting the bar, ties to the smaller drop; never "reached"
+    assert vdu_search.choose({"c": s(30, 99, 20, 9), "d": s(30, 95, 15, 9)}) == ("d", False)

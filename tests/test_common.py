@@ -295,7 +295,8 @@ def test_bad_numbers_on_a_method_command_line_exit_2_with_one_sentence():
                                     "benchmarks/probes/text_entanglement.py",
                                     "benchmarks/probes/judge_agreement.py",
                                     "benchmarks/probes/salun_retain_drift.py", "attack.py",
-                                    "benchmarks/probes/attack_budget.py"])
+                                    "benchmarks/probes/attack_budget.py",
+                                    "benchmarks/probes/vdu_search.py"])
 def test_every_script_has_a_help_that_parses(script):
     r = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.startswith("usage:"), r.stderr[-2000:]
