@@ -101,6 +101,7 @@ RANGES = {
     "(0,1)": (lambda v: 0 < v < 1, "in (0, 1)"),
     "(0,1]": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "[0,1]": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "timestep": (lambda v: 0 <= v < 1000, "a training timestep, in [0, 1000)"),
 }
 
 

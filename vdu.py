@@ -20,7 +20,8 @@ Where mu* and precision = 1/sigma*^2 come from (`--precision-from`):
                to the authors' earlier PBU), on images the model draws from the empty prompt;
   l2           isotropic precision: a plain L2 anchor, the ablation baseline.
 Reconstructed where the public text is silent: C_t (the diagram writes a generic C_t; C_t = 1,
-L_simple, is our choice, the ELBO weights are --elbo-weights), the normalisation of every
+L_simple, is our choice, the ELBO weights are --elbo-weights, and --t-min puts C_t = 1 on the noisier
+timesteps only, where a sample's content is decided), the normalisation of every
 precision to mean 1 (so gamma means the same for all three sources), the precision floor, the
 divergence stop, and the optional per-sample bound on the ascent (`--ascent-bound`).
 The derivation and the evidence behind the defaults: docs/methods/vdu.md.
@@ -61,6 +62,8 @@ class Args:
     fisher_samples: int = common.arg(32, "empty-prompt images for --precision-from fisher", ">=1")
     gamma: float = common.arg(None, "weight of stability B against plasticity A", "(0,1)")
     elbo_weights: bool = common.arg(False, "C_t = the DDPM ELBO weights instead of 1 (L_simple)")
+    t_min: int = common.arg(0, "reconstructed: C_t = 0 below this timestep (the ascent pushes only where "
+                               "noise is high and the content is decided; 0: every timestep)", "timestep")
     ascent_bound: float = common.arg(None, "reconstructed: stop the gradient of samples whose loss "
                                            "exceeds this many times the reference's (0: off)", ">=0")
     divergence: float = common.arg(100.0, "stop (saving nothing) if A exceeds this many times the "
@@ -237,7 +240,11 @@ def train(args: Args, models: common.Models, unet_ref, params, data: dict) -> di
     bar = common.progress(args.steps, "VDU")
     for step in bar:
         idx = torch.randint(0, len(data["x0_f"]), (args.batch_size,), generator=g)
-        x_t, t, eps = common.add_noise(models.scheduler, data["x0_f"][idx], g)
+        # C_t = 0 below --t-min (T / (T - t_min) above it, mean 1): drawing t from [t_min, T) is the
+        # same objective without spending batch slots on zero weights (t_min 0 draws as before)
+        t = (torch.randint(args.t_min, models.scheduler.config.num_train_timesteps, (args.batch_size,), generator=g)
+             .to(models.device) if args.t_min else None)
+        x_t, t, eps = common.add_noise(models.scheduler, data["x0_f"][idx], g, t)
         c_t = elbo_weight(models.scheduler, t, args.elbo_weights)
         total, terms = loss(unet, unet_ref, models, (x_t, t, eps, data["c_f"][idx], c_t), params, anchor, precision,
                             args.gamma, args.ascent_bound)

@@ -70,3 +70,24 @@ def test_vdu_defaults_forget_circle_at_seed_0_the_concept_and_seed_they_were_tun
     print(json.dumps(m, indent=1))
     assert m["n_forget_images"] >= 64 and m["n_retain_images"] >= 64
     assert evaluation.meets_bar("vdu", m), m["unlearned"]
+
+
+def test_t_min_draws_every_plasticity_timestep_at_or_above_it_and_is_range_checked(tiny_sd, tmp_path, monkeypatch):
+    import common
+    seen, real = [], common.add_noise
+
+    def spy(scheduler, x0, generator=None, t=None):
+        out = real(scheduler, x0, generator, t)
+        seen.append(out[1].clone())
+        return out
+    monkeypatch.setattr(common, "add_noise", spy)
+    vdu.main(["--model", str(tiny_sd), "--concept", "church", "--precision-from", "l2", "--steps", "4",
+              "--n-forget", "4", "--batch-size", "4", "--t-min", "900", "--n-eval-images", "0",
+              "--output-dir", str(tmp_path / "run"), "--device", "cpu"])
+    t = torch.cat(seen)
+    assert len(t) == 16 and t.min() >= 900 and len(set(t.tolist())) > 1
+    try:
+        vdu.parse_args(["--model", "toy", "--concept", "circle", "--t-min", "1000"])
+        raise AssertionError("--t-min 1000 was accepted")
+    except common.UsageError as e:
+        assert str(e) == "--t-min must be a training timestep, in [0, 1000), got 1000."

@@ -43,6 +43,8 @@ CANDIDATES = {
     "b5": ("vdu_search/b5", ["--ascent-bound", "5"]),      # ... or let each sample go further
     "b10": ("vdu_search/b10", ["--ascent-bound", "10"]),
     "400-steps": ("vdu_search/400-steps", ["--steps", "400"]),  # or longer (the anchor pulls back)
+    # C_t on the noisier half only: push where a sample's content is decided
+    "t500": ("vdu_search/t500", ["--t-min", "500"]),
 }
 DOC = ROOT / "docs" / "vdu_search_10_concepts.md"
 
