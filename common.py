@@ -683,13 +683,13 @@ def load_image_folder(folder: str, size: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 def add_noise(scheduler, x0: torch.Tensor, generator: torch.Generator | None = None,
-              t: torch.Tensor | None = None):
-    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps with t ~ U[0, 1000): returns (x_t, t, target),
+              t: torch.Tensor | None = None, t_min: int = 0):
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps with t ~ U[t_min, 1000): returns (x_t, t, target),
     the target being what the UNet is trained to output there: eps, or for a v-prediction model
     v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0. (The methods call it eps: on SD v1.x and the toy it is.)"""
     n = len(x0)
     if t is None:
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator).to(x0.device)
+        t = torch.randint(t_min, scheduler.config.num_train_timesteps, (n,), generator=generator).to(x0.device)
     eps = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
     abar = scheduler.alphas_cumprod.to(x0.device)[t].view(n, *([1] * (x0.ndim - 1)))
     target = eps

@@ -241,10 +241,8 @@ def train(args: Args, models: common.Models, unet_ref, params, data: dict) -> di
     for step in bar:
         idx = torch.randint(0, len(data["x0_f"]), (args.batch_size,), generator=g)
         # C_t = 0 below --t-min (T / (T - t_min) above it, mean 1): drawing t from [t_min, T) is the
-        # same objective without spending batch slots on zero weights (t_min 0 draws as before)
-        t = (torch.randint(args.t_min, models.scheduler.config.num_train_timesteps, (args.batch_size,), generator=g)
-             .to(models.device) if args.t_min else None)
-        x_t, t, eps = common.add_noise(models.scheduler, data["x0_f"][idx], g, t)
+        # same objective without spending batch slots on zero weights
+        x_t, t, eps = common.add_noise(models.scheduler, data["x0_f"][idx], g, t_min=args.t_min)
         c_t = elbo_weight(models.scheduler, t, args.elbo_weights)
         total, terms = loss(unet, unet_ref, models, (x_t, t, eps, data["c_f"][idx], c_t), params, anchor, precision,
                             args.gamma, args.ascent_bound)

@@ -76,8 +76,8 @@ def test_t_min_draws_every_plasticity_timestep_at_or_above_it_and_is_range_check
     import common
     seen, real = [], common.add_noise
 
-    def spy(scheduler, x0, generator=None, t=None):
-        out = real(scheduler, x0, generator, t)
+    def spy(scheduler, x0, generator=None, t=None, t_min=0):
+        out = real(scheduler, x0, generator, t, t_min)
         seen.append(out[1].clone())
         return out
     monkeypatch.setattr(common, "add_noise", spy)
