@@ -165,11 +165,11 @@ def test_salun_two_steps_on_a_tiny_sd_pipeline_save_a_unet_that_reloads(tiny_sd,
 
 # --- the toy, end to end ---
 
-@pytest.mark.parametrize("script,concept", [("baselines/esd.py", "triangle"), ("baselines/esd.py", "dotted"),
-                                            ("baselines/salun.py", "square"), ("baselines/salun.py", "dotted")])
-def test_baseline_defaults_forget_a_toy_shape_and_texture_at_seed_0(tmp_path, script, concept):
-    # the defaults were chosen over several concepts (docs/esd_search.md, docs/salun_search.md);
-    # each baseline must forget one shape and one texture with them. 32 images per group keep it short.
+@pytest.mark.parametrize("script,concept", [("baselines/esd.py", "triangle"), ("baselines/salun.py", "dotted")])
+def test_baseline_defaults_forget_a_toy_shape_and_a_texture_at_seed_0(tmp_path, script, concept):
+    # One run per baseline (a shape for ESD, a texture for SalUn) keeps the suite short; the other
+    # concepts and seeds are the benchmark's. What is asserted holds at every seed: UA 95-98% (ESD,
+    # triangle) and 98-100% (SalUn, dotted) at seeds 0-2 (benchmarks/records/). 32 images per group.
     out = tmp_path / "run"
     r = run_script(script, "--model", "toy", "--concept", concept, "--n-eval-images", "32",
                    "--output-dir", str(out))

@@ -2,6 +2,7 @@
 the docs from records alone, byte for byte."""
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -108,3 +109,25 @@ def test_the_vdu_search_chooses_by_its_stated_rule_and_its_candidates_are_comman
     assert vdu_search.choose({"a": s(30, 80, 5, 12), "c": s(30, 99, 20, 25)}) == ("a", False)
     # none keeps the drop: most runs meeting the bar, ties to the smaller drop; never "reached"
     assert vdu_search.choose({"c": s(30, 99, 20, 9), "d": s(30, 95, 15, 9)}) == ("d", False)
+
+
+def test_every_vdu_candidate_record_ran_what_its_command_line_gives_today_and_the_default_is_the_choice():
+    # defaults change (b3 was the default when most of the screen ran): a candidate's arguments must
+    # still reproduce what its records ran, and the search's choice must be what vdu.py runs by default
+    sys.path.insert(0, str(ROOT / "benchmarks" / "probes"))
+    import vdu
+    import vdu_search
+
+    vdu_search.register()
+    keys = ("precision_from", "gamma", "ascent_bound", "steps", "lr", "t_min")
+    recs = vdu_search.records()
+    for key, (name, extra) in vdu_search.CANDIDATES.items():
+        extra = compare_toy.VARIANTS.get(name, ("vdu", []))[1] if extra is None else extra
+        now = vars(vdu.parse_args(["--model", "toy", "--concept", "circle", *extra]))
+        now = {**{k: now[k] for k in keys}, "checkpoints": [Path(c).name for c in now["checkpoints"]]}
+        for rec in recs[key].values():
+            ran = {k: rec["args"].get(k, 0) for k in keys}   # t_min is newer than most records: 0 then
+            ran["checkpoints"] = [Path(c).name for c in rec["args"]["checkpoints"]]
+            assert ran == now, (key, rec["concept"], rec["seed"])
+    best, _ = vdu_search.choose({k: vdu_search.summary(r) for k, r in recs.items()})
+    assert best is not None and vdu_search.CANDIDATES[best][0] == "vdu", best

@@ -59,17 +59,19 @@ def test_unbounded_ascent_runs_away_on_the_toy_and_the_divergence_stop_saves_not
     assert not out.exists()
 
 
-def test_vdu_defaults_forget_circle_at_seed_0_the_concept_and_seed_they_were_tuned_on(tmp_path):
-    # The defaults were searched on circle, seed 0 (docs/vdu_search.md). That is all this shows:
-    # at seed 0 they meet the bar on no other concept (docs/results_single_seed_2026-11-25.md). measured 2026-11-23: UA 95%,
-    # in-domain retain 91% (base 95%)
+def test_vdu_defaults_push_circle_out_and_keep_most_of_the_other_shapes(tmp_path):
+    # The defaults were searched on circle at seed 0 (docs/vdu_search.md), where they meet the bar;
+    # this asserts what holds at every seed instead. Benchmark records, circle, seeds 0, 1, 2: UA 92,
+    # 98, 59% (base 2-3%), in-domain retain drop 4.7, 25.0, 12.5 points. On the other concepts VDU
+    # forgets far less (docs/vdu_search_10_concepts.md): this is not a claim that it meets its bar.
     out = tmp_path / "vdu-circle"
     r = run_script("vdu.py", "--model", "toy", "--concept", "circle", "--seed", "0", "--output-dir", out)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
     print(json.dumps(m, indent=1))
     assert m["n_forget_images"] >= 64 and m["n_retain_images"] >= 64
-    assert evaluation.meets_bar("vdu", m), m["unlearned"]
+    assert m["unlearned"]["ua"] >= 0.5 and m["base"]["ua"] <= 0.1, m
+    assert m["unlearned"]["retain_in"] >= m["base"]["retain_in"] - 0.25, m
 
 
 def test_t_min_draws_every_plasticity_timestep_at_or_above_it_and_is_range_checked(tiny_sd, tmp_path, monkeypatch):
