@@ -112,7 +112,7 @@ def test_the_vdu_search_chooses_by_its_stated_rule_and_its_candidates_are_comman
 
 
 def test_every_vdu_candidate_record_ran_what_its_command_line_gives_today_and_the_default_is_the_choice():
-    # defaults change (b3 was the default when most of the screen ran): a candidate's arguments must
+    # a default can change after its records were made: a candidate's arguments must
     # still reproduce what its records ran, and the search's choice must be what vdu.py runs by default
     sys.path.insert(0, str(ROOT / "benchmarks" / "probes"))
     import vdu

@@ -4,7 +4,6 @@ import json
 
 import torch
 
-import eval as evaluation
 import vdu
 from conftest import run_script
 
