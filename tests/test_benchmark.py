@@ -81,6 +81,33 @@ def test_every_attack_record_names_its_budget_and_the_attack_brings_each_concept
     assert len(controls) >= 10 and min(r["asr"] for r in controls) >= 0.8
 
 
+def test_every_benchmark_record_ran_what_its_command_line_gives_today():
+    # The records are the evidence that each method's defaults forget (30 runs, 3 seeds; the
+    # end-to-end tests run one concept and seed, some of them shortened to fit the suite's time).
+    # A default changed after its records were made must fail here, not pass silently.
+    import importlib
+    from toy import world
+    not_compared = {"output_dir", "overwrite", "n_eval_images", "device"}  # where and whether to evaluate
+    newer = {"t_min": 0, "sample_batch_size": None, "save_half": False}   # added later; these defaults ran before
+    for name in [*compare_toy.METHODS, *compare_toy.VARIANTS]:
+        method, extra = compare_toy.VARIANTS.get(name, (name, []))
+        module = importlib.import_module(compare_toy.METHODS[method][0].removesuffix(".py").replace("/", "."))
+        for path in sorted((compare_toy.RECORDS / name).glob("*.json")):
+            rec = json.loads(path.read_text())
+            now = vars(module.parse_args(["--model", "toy", "--concept", rec["concept"], "--seed", str(rec["seed"]),
+                                          *extra]))
+            if method == "esd":  # resolved from the concept's kind when the run starts
+                now["train"] = now["train"] or module.TRAIN_BY_KIND["shape" if rec["concept"] in world.SHAPES
+                                                                    else "texture"]
+                now["lr"] = now["lr"] or module.TOY_LR[now["train"]]
+            if "checkpoints" in now:   # the same snapshots, wherever the repository was
+                now["checkpoints"] = [Path(c).name for c in now["checkpoints"]]
+                rec["args"]["checkpoints"] = [Path(c).name for c in rec["args"]["checkpoints"]]
+            for key, value in now.items():
+                if key not in not_compared:
+                    assert rec["args"].get(key, newer.get(key, "missing")) == value, (path, key)
+
+
 def test_every_variant_is_a_command_line_its_method_accepts():
     import importlib
     for name, (method, extra) in compare_toy.VARIANTS.items():
