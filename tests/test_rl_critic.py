@@ -199,10 +199,10 @@ def test_two_iterations_on_a_tiny_sd_pipeline_save_a_unet_that_reloads(tiny_sd, 
     assert changed and all(".attn2." in n for n in changed)
 
 
-def _cgru_toy_run(tmp_path, concept):
+def _cgru_toy_run(tmp_path, concept, *extra):
     out = tmp_path / f"rl_critic-{concept}"
     r = run_script("rl_critic.py", "--model", "toy", "--concept", concept, "--seed", "0", "--output-dir", str(out),
-                   timeout=1200)
+                   *extra, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
     run = json.loads((out / "run.json").read_text())
@@ -210,12 +210,14 @@ def _cgru_toy_run(tmp_path, concept):
     return m, run
 
 
-def test_cgru_defaults_forget_triangle_at_seed_0_and_its_critic_explains_the_reward(tmp_path):
-    # One concept and one seed. With the loop of 2026-12-01 triangle meets the bar at seeds 0, 1
-    # and 2, circle at none (docs/methods/rl_critic.md, section 6). Measured at seed 0 (2 cores,
-    # benchmark record): UA 100%, in-domain retain 93.8% (base 98.4%), critic MSE 2.6 vs reward
-    # variance 19.6, 178 s of training.
-    m, run = _cgru_toy_run(tmp_path, "triangle")
+def test_cgru_forgets_triangle_in_half_its_iterations_and_its_critic_explains_the_reward(tmp_path):
+    # One concept, one seed, and half the default 60 iterations, to keep the suite short: the
+    # defaults' own evidence is the benchmark's 30 records (3 seeds; test_benchmark checks they ran
+    # today's defaults), where triangle meets the bar at seeds 0, 1 and 2. At 30 iterations,
+    # measured 2026-12-02 (2 cores, 130 s a run): UA 100% at seeds 0, 1 and 2, in-domain retain
+    # 96.9 / 100 / 96.9% (base 98.4 / 98.4 / 100%), critic MSE 2.5 / 7.0 / 3.1 vs reward variance
+    # 17.0 / 28.8 / 12.3. At 20 iterations seed 2 forgot only 81%.
+    m, run = _cgru_toy_run(tmp_path, "triangle", "--iterations", "30")
     assert run["critic_mse"] < run["reward_var"]
     assert evaluation.meets_bar("rl_critic", m), m["unlearned"]
 
