@@ -21,7 +21,8 @@ How a comparison is kept fair and resumable:
 
 The attack (attack.py, same budget for every method) runs on the saved UNets in outputs/benchmark/
 and leaves records in benchmarks/records/attack/<method>/; its control, the same attack on the
-base model, is learned once per (concept, seed) and recorded in benchmarks/records/attack/base/.
+base model, is learned once per (concept, seed) and recorded in benchmarks/records/attack/base/;
+where the control recovers less than 80% of the concept, no method's ASR on that unit is counted.
 
 Intervals: a t-interval over the runs (mean +- t_{0.975, n-1} sd / sqrt(n)), the same everywhere;
 a claim's interval is the t-interval of the paired differences over the (concept, seed) units both
@@ -282,17 +283,30 @@ COLUMNS = [("ua", "UA (%)"), ("ua_synonym", "synonym UA (%)"), ("retain_in_drop"
            ("clip_retain", "CLIP retain"), ("asr", "embedding-attack ASR (%)"), ("wall_time_s", "wall time (s)")]
 
 
+# The attack says something about a run only where its control, the same attack on the base
+# model, brings the concept back: on a (concept, seed) whose control recovers less than this
+# share, every method's ASR is left out of the tables (and the unit is named in results.md).
+CONTROL_BAR = 0.8
+
+
 def load_records() -> dict:
-    """(name, concept, seed) -> record, for every method, baseline and variant record on disk."""
-    out = {}
+    """(name, concept, seed) -> record, for every method, baseline and variant record on disk;
+    a run's attack record is attached as rec["attack"] where its control passed CONTROL_BAR."""
+    controls, out = load_base_attacks(), {}
     for name in list(METHODS) + list(VARIANTS):
         for path in sorted((RECORDS / name).glob("*.json")):
             rec = json.loads(path.read_text())
             hit = ATTACKS / name / path.name
-            if hit.exists():
+            control = controls.get((rec["concept"], rec["seed"]))
+            if hit.exists() and control is not None and control["asr"] >= CONTROL_BAR:
                 rec["attack"] = json.loads(hit.read_text())
             out[(name, rec["concept"], rec["seed"])] = rec
     return out
+
+
+def failed_controls() -> list[dict]:
+    """The base-model controls below CONTROL_BAR: their units' ASRs are left out."""
+    return [r for r in load_base_attacks().values() if r["asr"] < CONTROL_BAR]
 
 
 def load_base_attacks() -> dict:
@@ -538,8 +552,11 @@ def attack_section(records: dict) -> list[str]:
              + " (which: the per-concept tables' ASR column). "
              "Control: the same attack against the base model"
              + (" recovers the concept in " + fmt_interval([100 * r["asr"] for r in base.values()])
-                + f"% of its images (min {100 * min(r['asr'] for r in base.values()):.0f}%, "
-                f"{len(base)} (concept, seed) units)" if base else "") + ".", "",
+                + f"% of its images (min {100 * min(r['asr'] for r in base.values()):.1f}%, "
+                f"{len(base)} (concept, seed) units)" if base else "") + "."
+             + "".join(f" On {r['concept']} at seed {r['seed']} the control recovers {100 * r['asr']:.1f}%, below "
+                       f"the {100 * CONTROL_BAR:.0f}% the attack must reach on the base model, so every "
+                       "method's ASR on that unit is left out." for r in failed_controls()), "",
              "| method | attacked runs | concept in plain forget-prompt images (%, 100 - UA) | "
              "concept in attack images (ASR, %) | ASR minus (100 - UA) (pts) |", "|---|---|---|---|---|"]
     for name in [n for n in list(METHODS) + list(VARIANTS)]:

@@ -77,8 +77,17 @@ def test_every_attack_record_names_its_budget_and_the_attack_brings_each_concept
         assert {k: rec["budget"][k] for k in ("steps", "lr", "batch_size", "n_images", "init_word")} == \
             {k: attack.TOY_DEFAULTS[k] for k in ("steps", "lr", "batch_size", "n_images", "init_word")}
     controls = [r for r in recs if r["method"] == "base"]
-    # measured 2026-12-01 at seed 0: 91% (cross, solid) to 100%
-    assert len(controls) >= 10 and min(r["asr"] for r in controls) >= 0.8
+    # the attack works on every concept at seed 0 (measured 2026-12-01: 91% (cross, solid) to 100%)
+    assert sorted(r["concept"] for r in controls if r["seed"] == 0) == sorted(compare_toy.CONCEPTS)
+    assert min(r["asr"] for r in controls if r["seed"] == 0) >= compare_toy.CONTROL_BAR
+    # where a control falls below the bar (dotted at seed 1: 79.7%, measured 2026-12-02), no
+    # method's ASR on that unit reaches the tables; everywhere else every attacked run's does
+    failed = {(r["concept"], r["seed"]) for r in compare_toy.failed_controls()}
+    assert failed == {(r["concept"], r["seed"]) for r in controls if r["asr"] < compare_toy.CONTROL_BAR}
+    attacked = {(p.parent.name, p.stem) for p in compare_toy.ATTACKS.glob("*/*.json") if p.parent.name != "base"}
+    for (name, concept, seed), rec in compare_toy.load_records().items():
+        was_attacked = (name, f"{concept}-seed{seed}") in attacked
+        assert ("attack" in rec) == (was_attacked and (concept, seed) not in failed), (name, concept, seed)
 
 
 def test_every_benchmark_record_ran_what_its_command_line_gives_today():
