@@ -556,7 +556,7 @@ def attack_section(records: dict) -> list[str]:
                 f"{len(base)} (concept, seed) units)" if base else "") + "."
              + "".join(f" On {r['concept']} at seed {r['seed']} the control recovers {100 * r['asr']:.1f}%, below "
                        f"the {100 * CONTROL_BAR:.0f}% the attack must reach on the base model, so every "
-                       "method's ASR on that unit is left out." for r in failed_controls()), "",
+                       "method's ASR on that unit is left out." for r in base.values() if r["asr"] < CONTROL_BAR), "",
              "| method | attacked runs | concept in plain forget-prompt images (%, 100 - UA) | "
              "concept in attack images (ASR, %) | ASR minus (100 - UA) (pts) |", "|---|---|---|---|---|"]
     for name in [n for n in list(METHODS) + list(VARIANTS)]:
