@@ -62,9 +62,9 @@ VARIANTS = {"pure_100_steps": ("pure", ["--steps", "100"]),
             "rl_critic_no_timestep": ("rl_critic", ["--no-timestep"]),
             "rl_critic_reuse_2": ("rl_critic", ["--reuse-iterations", "2"]),
             # VDU's own recipe (precision from checkpoints: the reference and the toy's snapshots),
-            # with all three snapshots and with two
-            "vdu_3_snapshots": ("vdu", ["--precision-from", "checkpoints"]),
-            "vdu_2_snapshots": ("vdu", ["--precision-from", "checkpoints", "--checkpoints",
+            # with all three snapshots and with two; at gamma 0.5, the toy default when they first ran
+            "vdu_3_snapshots": ("vdu", ["--gamma", "0.5", "--precision-from", "checkpoints"]),
+            "vdu_2_snapshots": ("vdu", ["--gamma", "0.5", "--precision-from", "checkpoints", "--checkpoints",
                                         "toy/snapshots/unet-1", "toy/snapshots/unet-2"])}
 CONCEPTS = world.SHAPES + world.TEXTURES
 SEEDS = [0, 1, 2]
