@@ -629,7 +629,9 @@ def write_docs(records: dict, docs: Path, command_note: str) -> None:
            "pairs the two methods on the (concept, seed) units both were run on and gives the mean paired "
            "difference (first method minus the other, or minus the stated figure) with its 95% t-interval. "
            "Verdict: holds (the interval is on the claimed side of 0), fails (on the other side), "
-           "inconclusive (it crosses 0), not measured yet (fewer than 2 paired runs). A claim that fails on "
+           "inconclusive (it crosses 0), not measured yet (fewer than 2 paired runs). In the rows \"within 5 "
+           "points\" the figure is the UA difference plus those 5 points, so the claim holds when the first "
+           "method forgets at most 5 points less than the other. A claim that fails on "
            "the toy is a finding about the toy and our reconstruction, reported as measured.", "",
            "| paper | claim | against | paired runs | mean difference [95% interval] | verdict |",
            "|---|---|---|---|---|---|"]
