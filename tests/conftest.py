@@ -11,7 +11,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# The README runs the suite on two pytest-xdist workers ("-n 2"). Each worker then gets one core: one
+# torch thread, and OMP_NUM_THREADS=1 for the scripts it starts (two threads each would make four
+# on a 2-core machine, and oversubscribed torch threads wait on each other).
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if WORKER:
+    os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1 if WORKER else max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_collection_modifyitems(items):
+    """Send every test that reads the quick start's output to one worker (with "--dist loadgroup"),
+    so the README's first command runs once per suite, not once per worker."""
+    for item in items:
+        if "quick_start" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("quick_start"))
 
 
 def make_tiny_sd(folder: Path, **settings: object) -> Path:
