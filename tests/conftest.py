@@ -20,12 +20,19 @@ if WORKER:
 torch.set_num_threads(1 if WORKER else max(1, min(2, os.cpu_count() or 1)))
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow(seconds): a long end-to-end test and its measured duration "
+                                       "(2 threads), so the suite can start the longest first")
+
+
 def pytest_collection_modifyitems(items):
     """Send every test that reads the quick start's output to one worker (with "--dist loadgroup"),
-    so the README's first command runs once per suite, not once per worker."""
+    so the README's first command runs once per suite, not once per worker; and start the longest
+    tests first, so that neither worker is left with a long one at the end while the other idles."""
     for item in items:
         if "quick_start" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("quick_start"))
+    items.sort(key=lambda item: -(item.get_closest_marker("slow").args[0] if item.get_closest_marker("slow") else 0))
 
 
 def make_tiny_sd(folder: Path, **settings: object) -> Path:

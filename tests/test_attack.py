@@ -15,6 +15,7 @@ def digest(folder) -> dict:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
+@pytest.mark.slow(54)
 def test_attack_recovers_circle_from_the_base_model_and_only_reads_the_run(quick_start):
     """The README's PURE run on circle, attacked with the default budget: the control (the same
     attack on the base model) recovers the concept, and the saved UNet is bit-identical after."""

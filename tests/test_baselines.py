@@ -165,6 +165,7 @@ def test_salun_two_steps_on_a_tiny_sd_pipeline_save_a_unet_that_reloads(tiny_sd,
 
 # --- the toy, end to end ---
 
+@pytest.mark.slow(93)
 @pytest.mark.parametrize("script,concept", [("baselines/esd.py", "triangle"), ("baselines/salun.py", "dotted")])
 def test_baseline_defaults_forget_a_toy_shape_and_a_texture_at_seed_0(tmp_path, script, concept):
     # One run per baseline (a shape for ESD, a texture for SalUn) keeps the suite short; the other

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 import common
@@ -49,6 +50,7 @@ def test_eval_cli_prints_the_metrics_json_shape():
     assert {"ua", "ua_synonym", "retain_in", "retain_cross", "clip_forget", "clip_retain"} <= set(m["base"])
 
 
+@pytest.mark.slow(35)
 def test_compare_on_two_tiny_saved_runs_writes_the_table_and_the_grid(tmp_path):
     from PIL import Image
     tiny = ["--model", "toy", "--concept", "circle", "--n-forget", "4", "--batch-size", "2",

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 import common
@@ -66,6 +67,7 @@ def test_mim_mu_changes_only_attn2_and_the_mi_proxy_falls(tiny_sd, tmp_path):
     assert run["mi_proxy_end"] < 0.5 * run["mi_proxy_start"], run
 
 
+@pytest.mark.slow(56)
 def test_mim_mu_forgets_striped_at_seed_0_on_the_toy_without_compensation(tmp_path):
     # one concept and one seed: the 3-seed picture over all concepts is the benchmark's
     # (measured 2026-11-25, seed 0: UA 97%, in-domain retain 100% vs base 100%, docs/results_single_seed_2026-11-25.md)

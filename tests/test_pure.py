@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 import common
@@ -87,6 +88,7 @@ def test_two_steps_on_a_tiny_sd_pipeline_save_a_unet_that_reloads(tiny_sd, tmp_p
     assert run["args"]["steps"] == 2 and run["base_model"] == str(tiny_sd)
 
 
+@pytest.mark.slow(87)
 def test_pure_defaults_forget_circle_at_seed_0_and_keep_the_other_shapes(quick_start):
     # the README's quick start is exactly this run: PURE with its default toy settings on circle,
     # seed 0 (the default seed); the other concepts and seeds are the benchmark's

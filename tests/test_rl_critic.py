@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 import common
@@ -210,6 +211,7 @@ def _cgru_toy_run(tmp_path, concept, *extra):
     return m, run
 
 
+@pytest.mark.slow(135)
 def test_cgru_forgets_triangle_in_half_its_iterations_and_its_critic_explains_the_reward(tmp_path):
     # One concept, one seed, and half the default 60 iterations, to keep the suite short: the
     # defaults' own evidence is the benchmark's 30 records (3 seeds; test_benchmark checks they ran

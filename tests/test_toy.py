@@ -89,6 +89,7 @@ def _accuracy(models, judge, head, prompts_values, n, seed):
     return {v: (pred[i] == classes.index(v)).float().mean().item() for i, (_, v) in enumerate(prompts_values)}
 
 
+@pytest.mark.slow(34)
 def test_base_model_draws_every_named_value_reduced_sample(toy_models, judge):
     """A reduced sample of the build's quality table (24 images per value instead of 32)."""
     n = 24
