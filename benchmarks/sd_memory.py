@@ -202,8 +202,11 @@ class LiveTensorMemory(TorchDispatchMode):
             call["peak"] = max(call["peak"], self.live)
 
 
-PHASES = ["setup", "make_data", "precision_and_anchor", "train", "rollouts", "rewards", "state_features",
-          "fit_critic", "policy_update"]
+PHASES = ["setup", "make_data", "precision_and_anchor", "saliency_mask", "train", "rollouts", "rewards",
+          "state_features", "fit_critic", "policy_update"]
+# the module behind each method name `run` accepts
+MODULES = {"pure": "pure", "mim_mu": "mim_mu", "vdu": "vdu", "rl_critic": "rl_critic",
+           "esd": "baselines.esd", "salun": "baselines.salun"}
 
 
 def run(method: str, argv: list[str], sample_steps: int | None, adam_foreach: bool, json_path: str | None):
@@ -212,7 +215,7 @@ def run(method: str, argv: list[str], sample_steps: int | None, adam_foreach: bo
     import common
     import eval as evaluation
 
-    mod = importlib.import_module(method)
+    mod = importlib.import_module(MODULES[method])
     tracker = LiveTensorMemory()
 
     # Loading happens in host memory on a GPU (random init, then the safetensors state dict, then
@@ -322,7 +325,7 @@ def main():
     b = sub.add_parser("build", help="write the random SD v1.4-architecture pipeline and CLIP ViT-B/32")
     b.add_argument("--out", default="/tmp/sdmem/sd14", help="folder to write (default: %(default)s)")
     r = sub.add_parser("run", help="run a method's main() under the live tensor memory tracker")
-    r.add_argument("method", choices=["pure", "mim_mu", "vdu", "rl_critic"])
+    r.add_argument("method", choices=list(MODULES))
     r.add_argument("--sample-steps", type=int, default=None,
                    help="DDIM steps of common.sample (default: the model's, 50 on SD)")
     r.add_argument("--adam-foreach", action=argparse.BooleanOptionalAction, default=True,
