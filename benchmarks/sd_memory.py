@@ -13,7 +13,7 @@ tokenizer stands in for CLIP's BPE vocabulary, padded to SD's 77 tokens) plus a 
 ViT-B/32 (`<out>/clip-vit-base-patch32`, for rl_critic.py's --clip-model) and prints the parameter
 counts next to SD v1.4's.
 
-`run` runs one method's own `main()` in this process, with the method's own command line (after
+`run` runs one method's (or baseline's: esd, salun) own `main()` in this process, with the method's own command line (after
 `--`), under a tracker of live tensor memory: the bytes of every tensor storage alive at each
 moment, which is what `torch.cuda.max_memory_allocated` reports on a GPU (there, without the
 caching allocator's rounding and fragmentation). It prints the peak, the live memory when it

@@ -50,7 +50,6 @@ def test_the_readme_is_a_ten_minute_read_and_points_nowhere_outside_the_reposito
             assert (ROOT / link).exists(), link
 
 
-
 def readme_memory_recipes() -> dict[str, list[str]]:
     """The README's Stable Diffusion lines tagged with a card size: {"16": flags, "24": flags}."""
     import re
