@@ -13,13 +13,13 @@ tokenizer stands in for CLIP's BPE vocabulary, padded to SD's 77 tokens) plus a 
 ViT-B/32 (`<out>/clip-vit-base-patch32`, for rl_critic.py's --clip-model) and prints the parameter
 counts next to SD v1.4's.
 
-`run` runs one method's (or baseline's: esd, salun) own `main()` in this process, with the method's own command line (after
-`--`), under a tracker of live tensor memory: the bytes of every tensor storage alive at each
-moment, which is what `torch.cuda.max_memory_allocated` reports on a GPU (there, without the
-caching allocator's rounding and fragmentation). It prints the peak, the live memory when it
-happened, the peak inside each phase of the method (setup, data, training, sampling, ...) and the
-process's max RSS (what run.json records as peak_memory_mb on a CPU). Two things are patched,
-both only for the measurement:
+`run` runs one method's (or baseline's: esd, salun) own `main()` in this process, with its own
+command line (after `--`), under a tracker of live tensor memory: the bytes of every tensor storage
+alive at each moment, which is what `torch.cuda.max_memory_allocated` reports on a GPU (there,
+without the caching allocator's rounding and fragmentation). It prints the peak, the live memory
+when it happened, the peak inside each phase of the method (setup, data, training, sampling, ...)
+and the process's max RSS (what run.json records as peak_memory_mb on a CPU). Two things are
+patched, both only for the measurement:
   --sample-steps N   DDIM steps of common.sample (SD: 50; no CLI knob in pure/mim_mu/vdu). The
                      memory of one step does not depend on how many steps are taken (only
                      rl_critic's trajectories grow with them, and it has its own --sample-steps).
