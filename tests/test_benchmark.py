@@ -61,7 +61,10 @@ def test_report_only_rebuilds_the_committed_docs_byte_for_byte(tmp_path):
 
 
 def test_every_record_names_its_command_commit_and_arguments():
-    for path in sorted(compare_toy.RECORDS.glob("*/*.json")):
+    names = ["base", *compare_toy.METHODS, *compare_toy.VARIANTS]  # the runs' folders (not sd_memory/, attack/)
+    paths = sorted(p for name in names for p in (compare_toy.RECORDS / name).glob("*.json"))
+    assert len(paths) >= 180 + 30  # the six methods' 180 runs and the base evaluations, at least
+    for path in paths:
         rec = json.loads(path.read_text())
         assert rec["commit"] and rec["seed"] in (0, 1, 2), path
         if path.parent.name != "base":
