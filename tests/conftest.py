@@ -32,7 +32,10 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "quick_start" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("quick_start"))
-    items.sort(key=lambda item: -(item.get_closest_marker("slow").args[0] if item.get_closest_marker("slow") else 0))
+    def duration(item) -> float:
+        slow = item.get_closest_marker("slow")
+        return slow.args[0] if slow else 0
+    items.sort(key=duration, reverse=True)
 
 
 def make_tiny_sd(folder: Path, **settings: object) -> Path:

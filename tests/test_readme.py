@@ -58,10 +58,6 @@ def readme_memory_recipes() -> dict[str, list[str]]:
         r"^python pure\.py --concept church (?P<flags>[^#\n]*?)\s+# (?P<card>\d+) GB", bash, re.M)}
 
 
-RECIPE_METHODS = {"pure": "pure", "mim_mu": "mim_mu", "vdu": "vdu", "rl_critic": "rl_critic",
-                  "esd": "baselines.esd", "salun": "baselines.salun"}
-
-
 def recipe_for(method: str, card: str, flags: list[str]) -> list[str]:
     """The README's exceptions: mim_mu.py has no --train (it trains cross-attention only), and on
     24 GB VDU adds --train xattn."""
@@ -73,11 +69,13 @@ def recipe_for(method: str, card: str, flags: list[str]) -> list[str]:
 
 def test_the_memory_recipes_parse_for_every_method_and_are_the_flags_that_were_measured():
     import importlib
+
+    from benchmarks.sd_memory import MODULES  # the six scripts sd_memory.py measures, by name
     recipes = readme_memory_recipes()
     assert set(recipes) == {"16", "24"}, recipes
     readme = " ".join((ROOT / "README.md").read_text().split())
     assert "mim_mu.py has no `--train`" in readme and "VDU adds `--train xattn`" in readme
-    for method, module in RECIPE_METHODS.items():
+    for method, module in MODULES.items():
         mod = importlib.import_module(module)
         for card, flags in recipes.items():
             recipe = mod.parse_args(["--concept", "church", *recipe_for(method, card, flags)])  # nothing loads
