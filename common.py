@@ -571,28 +571,22 @@ def guided_eps(unet, x_t: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Ten
 
 @dataclass
 class Samples:
-    images: torch.Tensor                       # (n, 3, H, W) in [-1, 1], float32, CPU
-    latents: torch.Tensor                      # (n, 4, h, w) final x_0 in the UNet's (VAE-scaled) latent space
-    timesteps: torch.Tensor | None = None      # (T,) when eta > 0 and trajectories were asked for
-    x_t: torch.Tensor | None = None            # (n, T, 4, h, w) states before each step
-    x_prev: torch.Tensor | None = None         # (n, T, 4, h, w) the sampled actions
-    x0_hat: torch.Tensor | None = None         # (n, T, 4, h, w) the predicted clean latent at each state
-    log_probs: torch.Tensor | None = None      # (n, T)
+    images: torch.Tensor    # (n, 3, H, W) in [-1, 1], float32, CPU
+    latents: torch.Tensor   # (n, 4, h, w) final x_0 in the UNet's (VAE-scaled) latent space
 
 
 @torch.no_grad()
 def sample(models: Models, prompts: list[str], seeds: list[int], unet=None, steps: int | None = None,
-           guidance_scale: float | None = None, eta: float = 0.0, trajectory: bool = False,
-           batch_size: int | None = None, decode: bool = True, progress: bool = False,
-           text_states: torch.Tensor | None = None) -> Samples:
+           guidance_scale: float | None = None, eta: float = 0.0, batch_size: int | None = None,
+           decode: bool = True, progress: bool = False, text_states: torch.Tensor | None = None) -> Samples:
     """DDIM sampling with classifier-free guidance, one seed per image.
 
     `text_states` (n, tokens, dim), if given, are the prompts' text states, used instead of encoding
     `prompts` (attack.py samples from a learned embedding no word of the vocabulary spells).
 
     With eta = 0 the images equal diffusers' StableDiffusionPipeline with a DDIMScheduler and
-    `generator=[torch.Generator().manual_seed(s) for s in seeds]` (tested). With `trajectory`
-    it also returns every step's (x_t, x_{t-1}, t, log-prob) for the RL method.
+    `generator=[torch.Generator().manual_seed(s) for s in seeds]` (tested). With eta > 0 every
+    step draws x_{t-1} ~ N(mu, sigma_t^2 I) (rl_critic.py records these steps as trajectories).
     """
     unet = unet or models.unet
     steps = steps or models.sample_steps
@@ -602,7 +596,7 @@ def sample(models: Models, prompts: list[str], seeds: list[int], unet=None, step
     sched.set_timesteps(steps)
     timesteps = sched.timesteps.tolist()  # python ints: no device round trip per step
     latent_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    out = {k: [] for k in ("images", "latents", "x_t", "x_prev", "log_probs", "x0_hat")}
+    images, latents = [], []
     chunks = range(0, len(prompts), batch_size)
     for i in tqdm(chunks, desc="sampling", disable=not progress or len(chunks) < 2, leave=False):
         p, s = prompts[i:i + batch_size], seeds[i:i + batch_size]
@@ -611,24 +605,14 @@ def sample(models: Models, prompts: list[str], seeds: list[int], unet=None, step
         uncond = encode_prompts(models, [""] * len(p))
         x = torch.cat([torch.randn((1, *latent_shape), generator=g) for g in gens]).to(models.device)
         x = x * sched.init_noise_sigma
-        xs, xps, lps, x0s = [], [], [], []
         for t in timesteps:
             with autocast(models.device, models.dtype):
                 pred = guided_eps(unet, x, t, cond, uncond, w).float()  # eps, or v (v-prediction)
-            x_prev, log_prob, _, _ = ddim_step(sched, pred, t, x, eta, gens)
-            if trajectory:
-                xs.append(x.cpu()), xps.append(x_prev.cpu()), lps.append(log_prob.cpu())
-                x0s.append(predicted_x0(sched, pred, t, x).cpu())
-            x = x_prev
-        out["latents"].append(x.cpu())
+            x = ddim_step(sched, pred, t, x, eta, gens)[0]
+        latents.append(x.cpu())
         if decode:
-            out["images"].append(decode_latents(models, x).cpu())
-        if trajectory:
-            out["x_t"].append(torch.stack(xs, 1)), out["x_prev"].append(torch.stack(xps, 1))
-            out["log_probs"].append(torch.stack(lps, 1)), out["x0_hat"].append(torch.stack(x0s, 1))
-    cat = {k: torch.cat(v) if v else None for k, v in out.items()}
-    return Samples(cat["images"], cat["latents"], torch.tensor(timesteps) if trajectory else None,
-                   cat["x_t"], cat["x_prev"], cat["x0_hat"], cat["log_probs"])
+            images.append(decode_latents(models, x).cpu())
+    return Samples(torch.cat(images) if images else None, torch.cat(latents))
 
 
 def decode_latents(models: Models, latents: torch.Tensor) -> torch.Tensor:

@@ -6,31 +6,26 @@ reviews. Stated: denoising is a sequential decision process; a timestep-aware cr
 CLIP and trained on noisy intermediate states predicts the expected terminal reward; its
 per-step values give advantages for PPO-style updates of the reverse diffusion kernel; old
 trajectories are reused off-policy. Everything more specific is reconstructed from DDPO
-(Black et al. 2023) conventions:
+(Black et al. 2023) conventions. One iteration of the loop, section by section:
 
-  MDP      state s_t = (c, t, x_t), action a_t = x_{t-1}, reward only at the end r(x_0, c);
-           policy = the stochastic DDIM step (eta > 0) with classifier-free guidance,
-           pi(x_{t-1} | s_t) = N(mu_theta, sigma_t^2 I)   (common.ddim_step gives its log-prob)
-  reward   forget prompts: -CLIP similarity to the concept; retain prompts: +CLIP similarity to
-           their own prompt (about half of each batch, protecting retain accuracy); standardised.
-           The judge classifier is kept for evaluation, so UA is not what was optimised.
-  critic   V_phi(x_t, t, c): decode x_t with the frozen VAE -> CLIP image tower -> FiLM on t
-           (h' = (1 + g(t)) h + b(t)) -> concat with the prompt's CLIP text embedding -> MLP.
-           Monte-Carlo regression on terminal rewards, warm-up on the reference's rollouts, then
-           refit each iteration from a replay buffer of recent trajectories.
-  update   GAE with gamma = 1 on the critic's per-step values (computed before the critic is
-           refitted on that rollout), PPO clipped objective, optional per-step KL to the frozen
-           reference, held on the retain prompts' steps.
-  reuse    off-policy: the policy also trains on the trajectories of the last --reuse-iterations
-           iterations, each step weighted by the PPO ratio against the log-probability its
-           behaviour policy (the policy that sampled it) gave it, stored when it was sampled.
-  toy      reconstructed from our measurements: the policy explores at guidance 1 while training
-           and the KL is on (see TOY_DEFAULTS), else the toy's reference policy almost never
-           samples anything but the concept and there is nothing to learn from.
+  Rollouts  state s_t = (c, t, x_t), action a_t = x_{t-1}; the policy is the stochastic DDIM step
+            (eta > 0) with classifier-free guidance, pi(x_{t-1} | s_t) = N(mu_theta, sigma_t^2 I),
+            half the trajectories from forget prompts, half from retain prompts.
+  Reward    only at the end, r(x_0, c): forget prompts -CLIP similarity to the concept, retain
+            prompts +CLIP similarity to their own prompt. The judge is kept for evaluation.
+  Critic    V_phi(x_t, t, c): decode x_t with the frozen VAE -> CLIP image tower -> FiLM on t
+            -> concat with the prompt's CLIP text embedding -> MLP; Monte-Carlo regression on
+            the terminal rewards of a replay buffer, warmed up on the reference's rollouts.
+  Loss      rewards standardised, GAE (gamma = 1) on the critic's values from before it saw
+            this rollout, PPO's clipped objective on the noisiest steps, a KL to the frozen
+            reference on the retain prompts' steps; --reuse-iterations replays old trajectories
+            through PPO ratios against the log-probs stored when they were sampled.
+  toy       reconstructed from our measurements: the policy explores at guidance 1 while training
+            and the KL is on (see TOY_DEFAULTS), else the toy's reference policy almost never
+            samples anything but the concept and there is nothing to learn from.
 The policy trains cross-attention matrices, not LoRA adapters (peft is not a dependency); the SD
-defaults are DDPO's, with a learning rate for full matrices, and are untested: no run on Stable
-Diffusion has been made here. The derivation, what is
-reconstructed, and the evidence behind the defaults: docs/methods/rl_critic.md.
+defaults are DDPO's, with a learning rate for full matrices, untested on Stable Diffusion. The
+derivation, what is reconstructed, and the evidence behind the defaults: docs/methods/rl_critic.md.
 
     python rl_critic.py --model toy --concept circle      # CPU, offline, a few minutes
     python rl_critic.py --concept church                   # Stable Diffusion v1.4, GPU
@@ -117,6 +112,10 @@ TOY_DEFAULTS = dict(iterations=60, samples_per_iteration=32, sample_steps=10, gu
                     lr=1e-3, minibatch=64, clip_range=1e-4, train_steps=0.5, kl_weight=0.3)
 
 
+# Iteration k of a run with --seed s draws its prompts and image seeds from generator s * 100_000 + k.
+ROLLOUT_SEED_STRIDE = 100_000
+
+
 def parse_args(argv: list[str] | None = None) -> Args:
     """The command line, with the toy or the SD column filled in and every number checked."""
     args = common.parse_args(Args, argv)
@@ -139,51 +138,82 @@ def setup(args: Args):
     params = common.select_trainable(models.unet, args.train)  # theta: what trains
     if args.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
-    clip = evaluation.load_clip(models, args.clip_model)
+    clip = evaluation.load_clip(models, args.clip_model)       # frozen: reward and critic features
     feat_dim = clip.model.config.projection_dim
-    critic = Critic(feat_dim, feat_dim, film=args.timestep).to(models.device)
+    critic = Critic(feat_dim, feat_dim, film=args.timestep).to(models.device)  # V_phi: trains
     return models, ps, unet_ref, params, clip, critic
 
 
-# --- Data ---
+# --- Rollouts ---
 
-def rollouts(args: Args, models: common.Models, ps: common.PromptSet, seed: int):
-    """One iteration's trajectories under the current policy: half forget, half retain prompts."""
+@torch.no_grad()
+def sample_trajectories(models: common.Models, prompts: list[str], seeds: list[int], steps: int,
+                        guidance_scale: float, eta: float) -> dict:
+    """common.sample's DDIM loop (eta > 0: every step draws x_{t-1} ~ pi(. | s_t)), recording
+    each step: x_t (n, T, 4, h, w) the states, x_prev (n, T, 4, h, w) the actions, x0_hat the
+    predicted clean latent at each state, log_probs (n, T) log pi(x_{t-1} | s_t) under the
+    policy that sampled it (the behaviour policy PPO's ratio divides by), timesteps (T,) and
+    the decoded final images (n, 3, H, W)."""
+    sched = models.scheduler
+    sched.set_timesteps(steps)
+    timesteps = sched.timesteps.tolist()
+    unet = models.unet
+    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    out = {k: [] for k in ("images", "x_t", "x_prev", "x0_hat", "log_probs")}
+    for i in range(0, len(prompts), models.sample_batch_size):
+        p, s = prompts[i:i + models.sample_batch_size], seeds[i:i + models.sample_batch_size]
+        gens = [torch.Generator().manual_seed(int(x)) for x in s]
+        cond, uncond = common.encode_prompts(models, p), common.encode_prompts(models, [""] * len(p))
+        x = torch.cat([torch.randn((1, *shape), generator=g) for g in gens]).to(models.device)
+        x = x * sched.init_noise_sigma
+        steps_taken = {k: [] for k in ("x_t", "x_prev", "x0_hat", "log_probs")}
+        for t in timesteps:
+            with common.autocast(models.device, models.dtype):
+                pred = common.guided_eps(unet, x, t, cond, uncond, guidance_scale).float()
+            x_prev, log_prob, _, _ = common.ddim_step(sched, pred, t, x, eta, gens)
+            steps_taken["x_t"].append(x.cpu()), steps_taken["x_prev"].append(x_prev.cpu())
+            steps_taken["log_probs"].append(log_prob.cpu())
+            steps_taken["x0_hat"].append(common.predicted_x0(sched, pred, t, x).cpu())
+            x = x_prev
+        out["images"].append(common.decode_latents(models, x).cpu())
+        for k, v in steps_taken.items():
+            out[k].append(torch.stack(v, 1))
+    return {**{k: torch.cat(v) for k, v in out.items()}, "timesteps": torch.tensor(timesteps)}
+
+
+def rollouts(models: common.Models, ps: common.PromptSet, n: int, steps: int, guidance_scale: float,
+             eta: float, seed: int) -> dict:
+    """One iteration's n trajectories under the current policy: half forget, half retain prompts."""
     g = torch.Generator().manual_seed(seed)
-    n = args.samples_per_iteration
     pick = lambda items, k: [items[i] for i in torch.randint(0, len(items), (k,), generator=g)]  # noqa: E731
     prompts = pick(ps.forget, n // 2) + pick(ps.retain, n - n // 2)
     is_forget = torch.tensor([True] * (n // 2) + [False] * (n - n // 2))
     seeds = torch.randint(0, 2 ** 31 - 1, (n,), generator=g).tolist()
     models.unet.eval()
-    s = common.sample(models, prompts, seeds, steps=args.sample_steps, guidance_scale=args.guidance_scale,
-                      eta=args.eta, trajectory=True)
-    return dict(prompts=prompts, is_forget=is_forget, images=s.images, x_t=s.x_t, x_prev=s.x_prev,
-                x0_hat=s.x0_hat, log_probs=s.log_probs, timesteps=s.timesteps)
+    return dict(prompts=prompts, is_forget=is_forget,
+                **sample_trajectories(models, prompts, seeds, steps, guidance_scale, eta))
 
 
-def with_text(roll: dict, clip) -> dict:
-    """Add the prompts' CLIP text embeddings (used by the reward and the critic) once."""
-    roll["text"] = clip.text_features(roll["prompts"])
-    return roll
-
+# --- Reward ---
 
 @torch.no_grad()
-def rewards(args: Args, roll: dict, ps: common.PromptSet, clip, judge) -> torch.Tensor:
-    """Raw terminal rewards r(x_0, c): forget -> away from the concept, retain -> toward own prompt."""
+def rewards(kind: str, roll: dict, ps: common.PromptSet, clip, judge) -> torch.Tensor:
+    """Raw terminal rewards r(x_0, c) of `kind` (--reward): forget -> away from the concept,
+    retain -> toward its own prompt. `roll` holds prompts, is_forget, images and (CLIP rewards)
+    text, the prompts' CLIP text embeddings."""
     f, images = roll["is_forget"], roll["images"]
-    if args.reward == "classifier":
+    if kind == "classifier":
         # forget: r = 1 - p(concept | x_0); retain: r = p(the value its prompt names | x_0)
         targets = [(ps.kind, ps.concept) if fi else _retain_target(prompt, ps)
                    for prompt, fi in zip(roll["prompts"], f.tolist())]
         p = torch.empty(len(targets))
-        for kind in {k for k, _ in targets}:  # the judge has one head per kind
-            idx = [j for j, (k, _) in enumerate(targets) if k == kind]
-            p[idx] = judge.probability(images[idx], kind, [targets[j][1] for j in idx])
+        for k in {k for k, _ in targets}:  # the judge has one head per kind
+            idx = [j for j, (kj, _) in enumerate(targets) if kj == k]
+            p[idx] = judge.probability(images[idx], k, [targets[j][1] for j in idx])
         return torch.where(f, 1 - p, p)
     img = F.normalize(clip.image_features(images), dim=-1)
     own = F.normalize(roll["text"], dim=-1)
-    zero_shot = args.reward in ("clip-zero-shot", "clip-hybrid")
+    zero_shot = kind in ("clip-zero-shot", "clip-hybrid")
     # the concept's text first, then (zero-shot only) its in-domain alternatives, encoded together
     texts = F.normalize(clip.text_features([ps.forget[0]] + ([p for p, _ in ps.retain_in] if zero_shot else [])),
                         dim=-1)
@@ -195,7 +225,7 @@ def rewards(args: Args, roll: dict, ps: common.PromptSet, clip, judge) -> torch.
         # in-domain alternatives, p = softmax(logit_scale * cos(image, [concept, alternatives]))[0].
         # A blank canvas lowers the cosine but not p: see "reward hacking" in docs/methods/rl_critic.md
         p = (clip.model.logit_scale.exp().cpu() * img @ texts.T).softmax(-1)[:, 0]
-        forget = 1 - p if args.reward == "clip-zero-shot" else 1 - p + forget
+        forget = 1 - p if kind == "clip-zero-shot" else 1 - p + forget
     return torch.where(f, forget, (img * own).sum(-1))
 
 
@@ -210,20 +240,7 @@ def _retain_target(prompt: str, ps: common.PromptSet) -> tuple[str, str]:
     raise common.UsageError(f"--reward classifier needs retain prompts that name a toy value; {prompt!r} names none.")
 
 
-@torch.no_grad()
-def state_features(args: Args, models: common.Models, clip, roll: dict) -> torch.Tensor:
-    """CLIP image features of every state the critic judges: (n, T, feat)."""
-    states = roll["x_t"] if args.critic_input == "x_t" else roll["x0_hat"]
-    n, T = states.shape[:2]
-    flat = states.flatten(0, 1)
-    feats = []
-    for i in range(0, len(flat), 256):
-        images = common.decode_latents(models, flat[i:i + 256].to(models.device))
-        feats.append(clip.image_features(images))
-    return torch.cat(feats).view(n, T, -1)
-
-
-# --- Loss ---
+# --- Critic ---
 
 def timestep_embedding(t: torch.Tensor, dim: int = 64) -> torch.Tensor:
     """Sinusoidal embedding of the diffusion timestep (as in the UNet)."""
@@ -253,6 +270,69 @@ class Critic(nn.Module):
         return self.head(torch.cat([h, F.normalize(text, dim=-1)], dim=-1)).squeeze(-1)
 
 
+@torch.no_grad()
+def state_features(models: common.Models, clip, states: torch.Tensor) -> torch.Tensor:
+    """CLIP image features of the decoded states the critic judges, (n, T, ...) -> (n, T, feat)."""
+    n, T = states.shape[:2]
+    flat = states.flatten(0, 1)
+    feats = []
+    for i in range(0, len(flat), 256):
+        images = common.decode_latents(models, flat[i:i + 256].to(models.device))
+        feats.append(clip.image_features(images))
+    return torch.cat(feats).view(n, T, -1)
+
+
+def critic_inputs(buffer: list, device):
+    """Every stored state as (features h, timestep t, text embedding, terminal reward r)."""
+    h = torch.cat([b["h"] for b in buffer]).flatten(0, 1)
+    t = torch.cat([b["t"].expand(len(b["h"]), -1) for b in buffer]).flatten()
+    text = torch.cat([b["text"][:, None].expand(-1, b["h"].shape[1], -1) for b in buffer]).flatten(0, 1)
+    target = torch.cat([b["r"][:, None].expand(-1, b["h"].shape[1]) for b in buffer]).flatten()
+    return h.to(device), t.to(device), text.to(device), target.to(device)
+
+
+def fit_critic(critic, opt, buffer: list, epochs: int, generator: torch.Generator, device) -> float:
+    """Monte-Carlo regression of V_phi on the terminal rewards, over every stored state.
+    Returns the validation MSE: on the newest rollout, measured BEFORE fitting on it."""
+    with torch.no_grad():
+        h, t, text, target = critic_inputs(buffer[-1:], device)
+        val_mse = F.mse_loss(critic(h, t, text), target).item()
+    h, t, text, target = critic_inputs(buffer, device)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(h), generator=generator).split(256):
+            loss = F.mse_loss(critic(h[idx], t[idx], text[idx]), target[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return val_mse
+
+
+@torch.no_grad()
+def critic_values(critic, h: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor, device) -> torch.Tensor:
+    """V_phi(s_t) of every state of a rollout: (n, T), in sampling order (noisiest first)."""
+    n, T = h.shape[:2]
+    return critic(h.flatten(0, 1).to(device), timesteps.repeat(n).to(device),
+                  text.repeat_interleave(T, 0).to(device)).view(n, T).cpu()
+
+
+# --- Loss ---
+# Everything the policy is optimised for, in the order it is computed: the reward shaped, the
+# advantages, the steps that train, and the PPO + KL objective.
+
+def reward_statistics(raw: torch.Tensor, is_forget: torch.Tensor) -> dict:
+    """The shaping's constants, taken once from the reference policy's rewards: each group's mean
+    and the pooled within-group std. reconstructed: a per-group std would blow up a group the
+    reference scores alike (the judge gives every reference circle 1 - p(circle) ~ 0)."""
+    f = is_forget
+    return {"forget": raw[f].mean(), "retain": raw[~f].mean(),
+            "scale": (0.5 * (raw[f].var() + raw[~f].var())).sqrt() + 1e-6}
+
+
+def shape_rewards(raw: torch.Tensor, is_forget: torch.Tensor, stats: dict) -> torch.Tensor:
+    # r = (raw - mean of its group) / pooled std, with the reference policy's (fixed) statistics
+    return (raw - torch.where(is_forget, stats["forget"], stats["retain"])) / stats["scale"]
+
+
 def gae(values: torch.Tensor, reward: torch.Tensor, lam: float) -> torch.Tensor:
     """Advantages of every step; values (n, T) are V(s_t) in sampling order (noisiest first).
 
@@ -268,6 +348,19 @@ def gae(values: torch.Tensor, reward: torch.Tensor, lam: float) -> torch.Tensor:
         running = deltas[:, k] + lam * running
         adv[:, k] = running
     return adv
+
+
+def trained_steps(T: int, share: float) -> int:
+    """How many steps of a T-step trajectory PPO trains on (--train-steps): the noisiest ones.
+    reconstructed: only the noisiest steps, where the sample's content is decided."""
+    return max(1, round(T * share))
+
+
+def normalise_advantages(adv: torch.Tensor, n_train: int) -> torch.Tensor:
+    """Standardise with the mean and std of the steps PPO trains on (the noisiest n_train of each
+    trajectory; the others never reach the loss), then clip to +-5."""
+    trained = adv[:, :n_train]
+    return ((adv - trained.mean()) / (trained.std() + 1e-8)).clamp(-5, 5)
 
 
 def ppo_loss(log_prob: torch.Tensor, log_prob_old: torch.Tensor, adv: torch.Tensor, clip_range: float):
@@ -322,31 +415,6 @@ def loss(unet, unet_ref, models: common.Models, mb: dict, guidance_scale: float,
 
 # --- Training ---
 
-def critic_inputs(buffer: list, device):
-    """Every stored state as (features h, timestep t, text embedding, terminal reward r)."""
-    h = torch.cat([b["h"] for b in buffer]).flatten(0, 1)
-    t = torch.cat([b["t"].expand(len(b["h"]), -1) for b in buffer]).flatten()
-    text = torch.cat([b["text"][:, None].expand(-1, b["h"].shape[1], -1) for b in buffer]).flatten(0, 1)
-    target = torch.cat([b["r"][:, None].expand(-1, b["h"].shape[1]) for b in buffer]).flatten()
-    return h.to(device), t.to(device), text.to(device), target.to(device)
-
-
-def fit_critic(critic, opt, buffer: list, epochs: int, generator: torch.Generator, device) -> float:
-    """Monte-Carlo regression of V_phi on the terminal rewards, over every stored state.
-    Returns the validation MSE: on the newest rollout, measured BEFORE fitting on it."""
-    with torch.no_grad():
-        h, t, text, target = critic_inputs(buffer[-1:], device)
-        val_mse = F.mse_loss(critic(h, t, text), target).item()
-    h, t, text, target = critic_inputs(buffer, device)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(h), generator=generator).split(256):
-            loss = F.mse_loss(critic(h[idx], t[idx], text[idx]), target[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    return val_mse
-
-
 def replayed(replay: list) -> tuple[dict, torch.Tensor]:
     """The trajectories the policy trains on, concatenated: this iteration's and the replayed ones
     (each with the behaviour log-probs and advantages stored when it was sampled)."""
@@ -360,14 +428,12 @@ def replayed(replay: list) -> tuple[dict, torch.Tensor]:
 def policy_update(args: Args, models: common.Models, unet_ref, params, opt, roll: dict, adv: torch.Tensor,
                   generator: torch.Generator, scaler=None) -> dict:
     """PPO epochs over the (state, action) pairs of `roll` (this iteration's trajectories and any
-    replayed ones), re-scoring the stored actions under theta against the stored behaviour
-    log-probs. `scaler`: the run's fp16 loss scaler (common.loss_scaler), kept across iterations."""
+    replayed ones) on the noisiest steps, re-scoring the stored actions under theta against the
+    stored behaviour log-probs. `scaler`: the run's fp16 loss scaler, kept across iterations."""
     unet = models.unet.train()
     scaler = scaler or common.loss_scaler(args.mixed_precision, models.device)
     n, T = adv.shape
-    # reconstructed (--train-steps): only the noisiest steps, where the sample's content is decided
-    steps = torch.arange(max(1, round(T * args.train_steps)))
-    pairs = torch.cartesian_prod(torch.arange(n), steps)
+    pairs = torch.cartesian_prod(torch.arange(n), torch.arange(trained_steps(T, args.train_steps)))
     cond = common.encode_prompts(models, roll["prompts"])
     uncond = common.encode_prompts(models, [""] * n)
     stats, n_updates = {}, 0
@@ -392,21 +458,6 @@ def policy_update(args: Args, models: common.Models, unet_ref, params, opt, roll
     return stats
 
 
-@torch.no_grad()
-def critic_values(critic, h: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor, device) -> torch.Tensor:
-    """V_phi(s_t) of every state of a rollout: (n, T), in sampling order (noisiest first)."""
-    n, T = h.shape[:2]
-    return critic(h.flatten(0, 1).to(device), timesteps.repeat(n).to(device),
-                  text.repeat_interleave(T, 0).to(device)).view(n, T).cpu()
-
-
-def normalise_advantages(adv: torch.Tensor, n_train: int) -> torch.Tensor:
-    """Standardise with the mean and std of the steps PPO trains on (the noisiest n_train of each
-    trajectory; the others never reach the loss), then clip to +-5."""
-    trained = adv[:, :n_train]
-    return ((adv - trained.mean()) / (trained.std() + 1e-8)).clamp(-5, 5)
-
-
 def train(args: Args, models: common.Models, ps: common.PromptSet, unet_ref, params, clip, critic) -> dict:
     """Iteration 0 warms the critic up on the reference policy's rollouts; each later iteration
     samples, computes advantages with the critic as it was, refits the critic, updates the policy."""
@@ -415,32 +466,29 @@ def train(args: Args, models: common.Models, ps: common.PromptSet, unet_ref, par
     critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)
     judge = evaluation.Judge(models, clip) if args.reward == "classifier" else None
     g = torch.Generator().manual_seed(args.seed)
-    buffer, replay, scale, log = [], [], None, {}
+    buffer, replay, log = [], [], {}
     bar = common.progress(args.iterations + 1, "CGRU")
     for it in bar:
-        roll = with_text(rollouts(args, models, ps, seed=args.seed * 100_000 + it), clip)
-        raw = rewards(args, roll, ps, clip, judge)
+        roll = rollouts(models, ps, args.samples_per_iteration, args.sample_steps, args.guidance_scale, args.eta,
+                        seed=args.seed * ROLLOUT_SEED_STRIDE + it)
+        roll["text"] = clip.text_features(roll["prompts"])  # the prompts' CLIP embeddings: reward and critic
+        raw = rewards(args.reward, roll, ps, clip, judge)
         f = roll["is_forget"]
-        if scale is None:  # standardise with the reference policy's statistics (then a fixed scale):
-            # each group centred on its own mean, both divided by the pooled within-group std.
-            # reconstructed: a per-group std would blow up a group the reference policy scores alike
-            # (the judge gives every reference circle 1 - p(circle) ~ 0).
-            mean = {"forget": raw[f].mean(), "retain": raw[~f].mean()}
-            scale = (0.5 * (raw[f].var() + raw[~f].var())).sqrt() + 1e-6
-        r = (raw - torch.where(f, mean["forget"], mean["retain"])) / scale
-        h = state_features(args, models, clip, roll)
+        if it == 0:  # the reference policy's statistics shape every later reward
+            reward_stats = reward_statistics(raw, f)
+        r = shape_rewards(raw, f, reward_stats)
+        h = state_features(models, clip, roll[args.critic_input])
         # V(s_t) from the critic before it is refitted on this rollout: a baseline that has seen
         # the returns it is subtracted from shrinks the advantages toward 0 (it 0 has no update)
         values = critic_values(critic, h, roll["timesteps"], roll["text"], models.device) if it > 0 else None
-        buffer = (buffer + [dict(h=h, t=roll["timesteps"][None], text=roll["text"], r=r)])
-        buffer = buffer[-args.buffer_iterations:]
+        buffer = (buffer + [dict(h=h, t=roll["timesteps"][None], text=roll["text"], r=r)])[-args.buffer_iterations:]
         # validation MSE of the critic (on this rollout, before fitting) vs the reward's variance
         critic_mse = fit_critic(critic, critic_opt, buffer, args.warmup_epochs if it == 0 else args.critic_epochs,
                                 g, models.device)
         reward_var = r.var().item()
         if it == 0:  # warm-up: the critic has now seen the reference policy
             continue
-        n_train = max(1, round(roll["x_t"].shape[1] * args.train_steps))
+        n_train = trained_steps(args.sample_steps, args.train_steps)
         adv = normalise_advantages(gae(values, r, args.gae_lambda), n_train)
         # off-policy reuse: keep this rollout (its behaviour log-probs are already stored) with its
         # advantages; replayed ones keep the advantages computed when they were sampled
@@ -451,7 +499,7 @@ def train(args: Args, models: common.Models, ps: common.PromptSet, unet_ref, par
                "critic_mse": critic_mse, "reward_var": reward_var, **stats}
         common.show(bar, log)
     return {"critic_mse": critic_mse, "reward_var": reward_var,
-            "r_forget_start": mean["forget"].item(), "r_forget_end": raw[f].mean().item()}
+            "r_forget_start": reward_stats["forget"].item(), "r_forget_end": raw[f].mean().item()}
 
 
 # --- Save and report ---

@@ -64,21 +64,6 @@ def test_stochastic_step_is_diffusers_step_and_its_log_prob_the_density_of_the_a
     assert torch.allclose(at_mean - one_sigma, torch.full((4,), 0.5), atol=1e-4)
 
 
-def test_stored_trajectories_rescore_to_their_own_log_probs_under_the_same_policy(toy_models):
-    # what PPO relies on: before any update, re-scoring a stored action gives ratio 1
-    prompts = ["a circle", "a ring"]
-    s = common.sample(toy_models, prompts, [0, 1], steps=5, eta=1.0, trajectory=True)
-    assert s.x_t.shape == (2, 5, 4, 8, 8) and s.log_probs.shape == (2, 5)
-    cond, uncond = common.encode_prompts(toy_models, prompts), common.encode_prompts(toy_models, ["", ""])
-    with torch.no_grad():
-        for k, t in enumerate(s.timesteps.tolist()):
-            eps = common.guided_eps(toy_models.unet, s.x_t[:, k], t, cond, uncond, toy_models.guidance_scale)
-            _, log_prob, _, _ = common.ddim_step(toy_models.scheduler, eps, t, s.x_t[:, k], eta=1.0,
-                                                 prev_sample=s.x_prev[:, k])
-            assert torch.allclose(log_prob, s.log_probs[:, k], atol=1e-4), k
-    assert torch.equal(s.x_prev[:, -1], s.latents)
-
-
 # --- the SD code path on a tiny random SD-architecture pipeline -------------------------------
 
 def test_sd_path_loads_samples_and_selects_parameters_by_real_sd_names(tiny_sd):

@@ -36,6 +36,22 @@ def test_ppo_clip_stops_the_push_once_the_ratio_leaves_the_trust_region():
     assert new.grad[0] < 0 and new.grad[1] == 0 and new.grad[2] == 0
 
 
+def test_stored_trajectories_rescore_to_their_own_log_probs_under_the_same_policy(toy_models):
+    # what PPO relies on: before any update, re-scoring a stored action gives ratio 1
+    prompts = ["a circle", "a ring"]
+    s = rl_critic.sample_trajectories(toy_models, prompts, [0, 1], 5, toy_models.guidance_scale, eta=1.0)
+    assert s["x_t"].shape == (2, 5, 4, 8, 8) and s["log_probs"].shape == (2, 5)
+    cond, uncond = common.encode_prompts(toy_models, prompts), common.encode_prompts(toy_models, ["", ""])
+    with torch.no_grad():
+        for k, t in enumerate(s["timesteps"].tolist()):
+            eps = common.guided_eps(toy_models.unet, s["x_t"][:, k], t, cond, uncond, toy_models.guidance_scale)
+            _, log_prob, _, _ = common.ddim_step(toy_models.scheduler, eps, t, s["x_t"][:, k], eta=1.0,
+                                                 prev_sample=s["x_prev"][:, k])
+            assert torch.allclose(log_prob, s["log_probs"][:, k], atol=1e-4), k
+    # the last action is the final latent: decoding it gives the images
+    assert torch.allclose(common.decode_latents(toy_models, s["x_prev"][:, -1]), s["images"])
+
+
 def test_ppo_trains_only_the_noisiest_share_of_each_trajectory(toy_models):
     import dataclasses
     models = dataclasses.replace(toy_models, unet=common.frozen_copy(toy_models.unet).requires_grad_(False))
@@ -43,9 +59,8 @@ def test_ppo_trains_only_the_noisiest_share_of_each_trajectory(toy_models):
     args = rl_critic.parse_args(["--model", "toy", "--concept", "circle", "--train-steps", "0.5",
                                  "--lr", "1e-2", "--minibatch", "8", "--clip-range", "0.2",
                                  "--kl-weight", "0", "--guidance-scale", str(models.guidance_scale)])  # PPO alone
-    s = common.sample(models, ["a circle", "a red square"], [1, 2], steps=4, eta=1.0, trajectory=True, decode=False)
-    roll = dict(prompts=["a circle", "a red square"], is_forget=torch.tensor([True, False]), x_t=s.x_t,
-                x_prev=s.x_prev, log_probs=s.log_probs, timesteps=s.timesteps)
+    s = rl_critic.sample_trajectories(models, ["a circle", "a red square"], [1, 2], 4, models.guidance_scale, eta=1.0)
+    roll = dict(prompts=["a circle", "a red square"], is_forget=torch.tensor([True, False]), **s)
     before = [p.detach().clone() for p in params]
     moved = lambda: any(not torch.equal(p, q) for p, q in zip(params, before))  # noqa: E731
 
@@ -74,16 +89,14 @@ def test_kl_holds_the_retain_prompts_and_the_unconditional_branch_but_not_the_fo
             p.add_(1e-2 * torch.randn(p.shape, generator=g))
     args = rl_critic.parse_args(["--model", "toy", "--concept", "circle", "--kl-weight", "100",
                                  "--kl-uncond", "--minibatch", "8", "--train-steps", "1"])
-    s = common.sample(models, ["a circle", "a red square"], [1, 2], steps=4, guidance_scale=args.guidance_scale,
-                      eta=1.0, trajectory=True, decode=False)
+    s = rl_critic.sample_trajectories(models, ["a circle", "a red square"], [1, 2], 4, args.guidance_scale, eta=1.0)
     adv = torch.zeros(2, 4)  # no advantage: only the KL terms can move theta
     ref, trained = dict(unet_ref.named_parameters()), dict(models.unet.named_parameters())
     names = [n for n, p in trained.items() if p.requires_grad]
     distance = lambda: sum((trained[n] - ref[n]).pow(2).sum() for n in names).item()  # noqa: E731
 
     def update(is_forget):
-        roll = dict(prompts=["a circle", "a red square"], is_forget=torch.tensor(is_forget), x_t=s.x_t,
-                    x_prev=s.x_prev, log_probs=s.log_probs, timesteps=s.timesteps)
+        roll = dict(prompts=["a circle", "a red square"], is_forget=torch.tensor(is_forget), **s)
         return rl_critic.policy_update(args, models, unet_ref, params, torch.optim.SGD(params, lr=1e-4), roll,
                                        adv, torch.Generator().manual_seed(0))
 
@@ -147,8 +160,7 @@ def test_classifier_reward_scores_every_retain_prompt_by_the_value_it_names(toy_
     prompts = ps.forget[:2] + ["a red square", "a striped shape"]
     images = common.sample(toy_models, prompts, [0, 1, 2, 3]).images
     roll = dict(prompts=prompts, images=images, is_forget=torch.tensor([True, True, False, False]))
-    args = rl_critic.parse_args(["--model", "toy", "--concept", "circle", "--reward", "classifier"])
-    r = rl_critic.rewards(args, roll, ps, None, judge)
+    r = rl_critic.rewards("classifier", roll, ps, None, judge)
     assert rl_critic._retain_target("a striped shape", ps) == ("texture", "striped")
     assert rl_critic._retain_target("a red square", ps) == ("shape", "square")
     # the base model draws what it is asked: circles earn little as forget samples (1 - p(circle)),
@@ -165,9 +177,9 @@ def test_zero_shot_reward_is_one_minus_clips_probability_and_does_not_pay_for_a_
     blank = torch.full_like(dotted, 0.85)  # the light background alone
 
     def r(images, reward, forget=True):
-        roll = rl_critic.with_text(dict(prompts=prompts, images=images, is_forget=torch.full((8,), forget)), clip)
-        return rl_critic.rewards(rl_critic.parse_args(["--model", "toy", "--concept", "dotted", "--reward", reward]),
-                                 roll, ps, clip, None)
+        roll = dict(prompts=prompts, images=images, is_forget=torch.full((8,), forget),
+                    text=clip.text_features(prompts))
+        return rl_critic.rewards(reward, roll, ps, clip, None)
 
     # the formula, recomputed here: p = softmax(logit_scale * cos(image, [concept, alternatives]))[0]
     img = torch.nn.functional.normalize(clip.image_features(others), dim=-1)
