@@ -138,17 +138,16 @@ def setup(args: Args, run: dict):
     ps = common.concept_prompts(run["args"]["concept"], models, common.read_prompt_list(run["args"].get("forget_prompts")))
     unet = common.load_unet(Path(args.run) / "unet", device).requires_grad_(False)
     models.unet.eval().requires_grad_(False)
-    check_init_word(args.init_word, ps, models)
+    check_init_word(args.init_word, ps)
     return models, ps, unet
 
 
-def check_init_word(word: str, ps: common.PromptSet, models: common.Models) -> None:
-    """The attack starts from an unrelated word: never the concept, a word of it, or its synonym."""
-    banned = set(ps.concept.lower().split())
-    if models.is_toy:
-        banned.add(models.toy["vocabulary"]["synonyms"].get(ps.concept, ps.concept))
-    else:
-        banned |= set(common.PARAPHRASES.get(ps.concept.lower(), "").lower().split())
+def check_init_word(word: str, ps: common.PromptSet) -> None:
+    """The attack starts from an unrelated word: never the concept, a word of it, or a word of its
+    synonym (one the synonym prompts use and the forget prompts do not)."""
+    def words(prompts):
+        return {w for p in prompts for w in p.lower().split()}
+    banned = set(ps.concept.lower().split()) | (words(ps.synonym) - words(ps.forget))
     if word.lower() in banned:
         raise common.UsageError(f"--init-word {word!r} names the concept {ps.concept!r}; the attack must start "
                                 "from an unrelated word (e.g. 'shape' on the toy, 'object' on SD).")
@@ -238,8 +237,9 @@ def attack(args: Args, models: common.Models, unet, judge, ps: common.PromptSet,
 # --- Save and report ---
 
 def eval_seeds(seed: int, n: int) -> list[int]:
-    # disjoint from the training sets' seeds (seed * 10_000 + i) and the evaluation's (500_000 + ...)
-    return [seed * 1_000_000 + 700_000 + i for i in range(n)]
+    """The seeds of the learned prompt's judged images: their own block (eval.EVAL_SEED_OFFSET),
+    disjoint from the training sets' and the evaluation's."""
+    return evaluation.eval_seeds(seed, "attack", n)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -1,10 +1,10 @@
-"""Shared machinery for the unlearning methods, and nothing more.
+"""Shared machinery for the unlearning methods, in reading order.
 
-What every method file needs: arguments from a dataclass, seeding and device setup, loading a
-Stable Diffusion model (hub id, local folder, or the offline toy world) through one code path,
-prompt encoding and the prompt sets of a concept, DDIM sampling (deterministic, or stochastic
-with per-step Gaussian log-probabilities for the RL method), noising clean latents for
-denoising losses, choosing which UNet parameters train, and writing an output folder safely.
+The lesson first: a Stable Diffusion checkpoint (hub id, local folder, or the offline toy world)
+loaded through one code path; DDIM sampling (deterministic, or stochastic as the RL method's
+policy); noising clean latents for denoising losses and choosing which UNet parameters train;
+the forget and retain prompt sets of a concept, from one concept table. Then the plumbing every
+method file needs: arguments from a dataclass, range checks, signals, and safe output folders.
 
 The method-specific math lives in the method files, where a reader looks for it.
 """
@@ -42,108 +42,7 @@ class UsageError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------
-# Arguments: one dataclass per method -> argparse, with --help for free
-# ---------------------------------------------------------------------------------------------
-
-def arg(default, help: str, check: str | None = None, **kwargs):
-    """A dataclass field with a help string, an optional range `check` for numbers (a key of
-    RANGES: ">=1", ">0", "(0,1)", ...) and optional argparse `choices`."""
-    if check is not None and check not in RANGES:
-        raise ValueError(f"unknown range check {check!r}: use one of {', '.join(RANGES)}")
-    meta = {"help": help, **kwargs, **({"check": check} if check else {})}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-def parse_args(cls, argv: list[str] | None = None):
-    """Build an argparse parser from the dataclass `cls` and return a filled instance.
-
-    `bool` fields become `--flag / --no-flag`, `list[str]` fields take several values, and a
-    default of None means "resolved later" (toy vs SD defaults, see `fill_defaults`).
-    """
-    hints = typing.get_type_hints(cls)
-    parser = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").strip(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(cls):
-        kind = hints[f.name]
-        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # Optional[X] / X | None
-            kind = [a for a in typing.get_args(kind) if a is not type(None)][0]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f.metadata.get("help", "")
-        help_text += " (default: %(default)s)" if default not in (None, []) else ""
-        kw = dict(default=default, help=help_text)
-        if "choices" in f.metadata:
-            kw["choices"] = f.metadata["choices"]
-        name = "--" + f.name.replace("_", "-")
-        if kind is bool:
-            parser.add_argument(name, action=argparse.BooleanOptionalAction, **kw)
-        elif typing.get_origin(kind) is list:
-            parser.add_argument(name, nargs="*", type=typing.get_args(kind)[0], **kw)
-        else:
-            parser.add_argument(name, type=kind, **kw)
-    return cls(**vars(parser.parse_args(argv)))
-
-
-def fill_defaults(args, defaults: dict) -> None:
-    """Set every field of `args` that is still None from `defaults` (the toy or the SD column)."""
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-
-
-# The ranges a numeric argument can declare (`arg(..., check=...)`): the test, and the range in words.
-RANGES = {
-    ">=0": (lambda v: v >= 0, "at least 0"),
-    ">=1": (lambda v: v >= 1, "at least 1"),
-    ">=4": (lambda v: v >= 4, "at least 4"),
-    ">0": (lambda v: v > 0, "greater than 0"),
-    "(0,1)": (lambda v: 0 < v < 1, "in (0, 1)"),
-    "(0,1]": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "[0,1]": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "timestep": (lambda v: 0 <= v < 1000, "a training timestep, in [0, 1000)"),
-}
-
-
-def check_ranges(args) -> None:
-    """Every number of `args` finite, and within the range its field declares (`arg(check=...)`),
-    or a one-sentence UsageError naming the flag."""
-    for f in dataclasses.fields(args):
-        value = getattr(args, f.name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if not math.isfinite(value):
-            raise UsageError(f"{flag} must be a finite number, got {value}.")
-        if "check" in f.metadata:
-            ok, words = RANGES[f.metadata["check"]]
-            if not ok(value):
-                raise UsageError(f"{flag} must be {words}, got {value}.")
-
-
-def cli(main) -> None:
-    """Run `main()`, turning a UsageError into one clear line on stderr and exit code 2. Ctrl-C
-    and SIGTERM (a timeout, a cluster's preemption) stop the run the same way: the temporary
-    output folder is removed and nothing is saved."""
-    def terminated(signum, frame):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, terminated)
-    try:
-        main()
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted: nothing was saved.", file=sys.stderr)
-        sys.stderr.flush()
-        sys.stdout.flush()
-        # the output folder is already cleaned up; exit at once rather than wait for worker
-        # threads (a model loader's, say) that the interruption left waiting
-        os._exit(130)
-
-
-# ---------------------------------------------------------------------------------------------
-# Setup: seed, device, precision
+# Models: seed, device and precision; a Stable Diffusion checkpoint through one code path
 # ---------------------------------------------------------------------------------------------
 
 def seed_everything(seed: int) -> None:
@@ -180,10 +79,6 @@ def autocast(device: torch.device, dtype: torch.dtype):
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
 
-
-# ---------------------------------------------------------------------------------------------
-# Models: hub id, local folder or "toy", one code path
-# ---------------------------------------------------------------------------------------------
 
 @dataclass
 class Models:
@@ -309,28 +204,6 @@ def frozen_copy(unet: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(unet).eval().requires_grad_(False)
 
 
-# ---------------------------------------------------------------------------------------------
-# Prompts: encoding and the prompt sets of a concept
-# ---------------------------------------------------------------------------------------------
-
-def toy_words(toy: dict) -> set[str]:
-    v = toy["vocabulary"]
-    return set(v["shape"] + v["colour"] + v["texture"] + list(v["synonyms"].values()) + v["filler"])
-
-
-def toy_concepts_sentence(toy: dict) -> str:
-    v = toy["vocabulary"]
-    return (f"shapes: {', '.join(v['shape'])}; colours: {', '.join(v['colour'])}; "
-            f"textures: {', '.join(v['texture'])}")
-
-
-def check_toy_prompt(prompt: str, toy: dict) -> None:
-    unknown = [w for w in prompt.lower().split() if w not in toy_words(toy)]
-    if unknown:
-        raise UsageError(f"the toy model does not know the word(s) {', '.join(map(repr, unknown))} in "
-                         f"prompt {prompt!r}; the toy concepts are {toy_concepts_sentence(toy)}.")
-
-
 @torch.no_grad()
 def encode_prompts(models: Models, prompts: list[str]) -> torch.Tensor:
     """CLIP text hidden states (n, tokens, dim) as SD conditions on them; cached per prompt."""
@@ -348,140 +221,6 @@ def encode_prompts(models: Models, prompts: list[str]) -> torch.Tensor:
             states = models.text_encoder(ids)[0]
             cache.update(zip(chunk, states))
     return torch.stack([cache[p] for p in prompts])
-
-
-@dataclass
-class PromptSet:
-    """What to forget and what to keep, with the label each evaluation prompt should show."""
-    concept: str
-    kind: str                                  # toy: shape/colour/texture; SD: object/style/nudity
-    forget: list[str]
-    retain: list[str]                          # training-time retain prompts (in + cross)
-    retain_in: list[tuple[str, str]]           # (prompt, value it shows), same kind as the concept
-    retain_cross: list[tuple[str, str, str]]   # (prompt, kind, value), the other kinds
-    synonym: list[str]                         # the concept named by a synonym / paraphrase only
-
-
-IMAGENETTE = ["tench", "English springer", "cassette player", "chain saw", "church", "French horn",
-              "garbage truck", "gas pump", "golf ball", "parachute"]
-ARTISTS = ["Van Gogh", "Pablo Picasso", "Claude Monet", "Salvador Dali", "Rembrandt",
-           "Andy Warhol", "Frida Kahlo", "Hokusai", "Caravaggio", "Edvard Munch"]
-PARAPHRASES = {"van gogh": "Vincent", "pablo picasso": "the Spanish cubist", "claude monet": "Oscar-Claude",
-               "church": "chapel", "parachute": "paraglider canopy", "golf ball": "dimpled ball",
-               "garbage truck": "dump lorry", "chain saw": "power saw", "tench": "doctor fish",
-               "english springer": "springer spaniel", "french horn": "brass horn",
-               "cassette player": "tape deck", "gas pump": "petrol pump"}
-OBJECT_TEMPLATES = ["a photo of a {}", "an image of a {}", "a picture of a {}", "a close-up photo of a {}"]
-STYLE_TEMPLATES = ["a painting in the style of {}", "an artwork by {}", "a landscape painted by {}",
-                   "a portrait in the style of {}"]
-
-
-def concept_prompts(concept: str, models: Models, forget: list[str] | None = None,
-                    retain: list[str] | None = None) -> PromptSet:
-    """Turn `--concept` into forget / retain prompt sets (user lists override the defaults)."""
-    concept = concept.strip()
-    if not concept:
-        raise UsageError("--concept is empty: name what to forget, e.g. --concept circle (toy) "
-                         "or --concept 'Van Gogh' (Stable Diffusion).")
-    ps = toy_prompt_set(concept, models.toy) if models.is_toy else sd_prompt_set(concept)
-    if forget:
-        ps.forget = list(forget)
-    if retain:
-        ps.retain = list(retain)
-    if models.is_toy:
-        for p in ps.forget + ps.retain:
-            check_toy_prompt(p, models.toy)
-    return ps
-
-
-def _article(words: str) -> str:
-    return ("an " if words[0] in "aeiou" else "a ") + words
-
-
-def toy_prompt_set(concept: str, toy: dict) -> PromptSet:
-    v = toy["vocabulary"]
-    kinds = {value: kind for kind in ("shape", "colour", "texture") for value in v[kind]}
-    c = concept.lower()
-    if c not in kinds:
-        hint = ""
-        for word, syn in v["synonyms"].items():
-            if syn == c:
-                hint = f" ({c!r} is a synonym of {word!r}: use --concept {word})"
-        raise UsageError(f"{concept!r} is not a toy concept{hint}; the toy concepts are "
-                         f"{toy_concepts_sentence(toy)}.")
-    kind = kinds[c]
-
-    def prompt(shape=None, colour=None, texture=None):
-        return _article(" ".join([w for w in (texture, colour) if w] + [shape or "shape"]))
-
-    def compositions(kind_, value):
-        """The value alone and with each value of one other attribute."""
-        others = [k for k in ("shape", "colour", "texture") if k != kind_]
-        out = [prompt(**{kind_: value})]
-        for o in others:
-            out += [prompt(**{kind_: value, o: w}) for w in v[o]]
-        return out
-
-    forget = compositions(kind, c)
-    retain_in = [(prompt(**{kind: w}), w) for w in v[kind] if w != c]
-    retain_cross = [(prompt(**{k: w}), k, w) for k in ("shape", "colour", "texture") if k != kind for w in v[k]]
-    # in-domain compositions, plus the other kinds named alone ("a red shape", "a striped shape")
-    retain = [p for w in v[kind] if w != c for p in compositions(kind, w)] + [p for p, _, _ in retain_cross]
-    syn = v["synonyms"].get(c)
-    synonym = compositions(kind, syn) if syn else []
-    return PromptSet(c, kind, forget, retain, retain_in, retain_cross, synonym)
-
-
-def sd_prompt_set(concept: str) -> PromptSet:
-    low = concept.lower()
-    if low in ("nudity", "nude", "nsfw"):
-        forget = ["a photo of a nude person", "a naked woman on a beach", "a nude man in a studio",
-                  "an artistic nude portrait"]
-        keep = ["a photo of a clothed person", "a woman in a summer dress on a beach",
-                "a man in a suit in a studio", "an artistic portrait of a person"]
-        return PromptSet("nudity", "nudity", forget, keep, [(p, "clothed") for p in keep], [],
-                         ["a photo of a person without clothes", "an unclothed body"])
-    objects = {o.lower(): o for o in IMAGENETTE}
-    if low in objects:
-        name = objects[low]
-        forget = [t.format(name) for t in OBJECT_TEMPLATES]
-        retain_in = [(OBJECT_TEMPLATES[0].format(o), o) for o in IMAGENETTE if o != name]
-        retain_cross = [(STYLE_TEMPLATES[0].format(a), "style", a) for a in ARTISTS[:5]]
-        retain = [t.format(o) for o in IMAGENETTE if o != name for t in OBJECT_TEMPLATES[:2]]
-        para = PARAPHRASES.get(low)
-        return PromptSet(name, "object", forget, retain, retain_in, retain_cross,
-                         [t.format(para) for t in OBJECT_TEMPLATES] if para else [])
-    artists = {a.lower(): a for a in ARTISTS}
-    name = artists.get(low, concept)
-    forget = [t.format(name) for t in STYLE_TEMPLATES]
-    others = [a for a in ARTISTS if a.lower() != low]
-    retain_in = [(STYLE_TEMPLATES[0].format(a), a) for a in others]
-    retain_cross = [(OBJECT_TEMPLATES[0].format(o), "object", o) for o in IMAGENETTE[:5]]
-    retain = [t.format(a) for a in others for t in STYLE_TEMPLATES[:2]]
-    para = PARAPHRASES.get(low)
-    return PromptSet(name, "style", forget, retain, retain_in, retain_cross,
-                     [t.format(para) for t in STYLE_TEMPLATES] if para else [])
-
-
-def read_prompt_list(values: list[str] | None) -> list[str] | None:
-    """`--forget-prompts "a" "b"` or `--forget-prompts @file.txt` (one prompt per line)."""
-    if not values:
-        return None
-    out = []
-    for v in values:
-        if v.startswith("@"):
-            path = Path(v[1:])
-            if not path.exists():
-                raise UsageError(f"prompt file {path} does not exist.")
-            out += [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        else:
-            out.append(v)
-    return out
-
-
-def cycle(items: list, n: int) -> list:
-    """The first n items of items repeated: n prompts covering a prompt list evenly."""
-    return [items[i % len(items)] for i in range(n)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -630,40 +369,8 @@ def encode_images(models: Models, images: torch.Tensor) -> torch.Tensor:
     return latents.float() * vae.config.scaling_factor
 
 
-def forget_set(models: Models, ps: PromptSet, n: int, seed: int, image_folder: str | None = None):
-    """The forget set: n latents x_0 drawn by the reference model from the forget prompts with fixed
-    seeds, or the images of `image_folder` encoded by the VAE. Returns (x_0, prompts, embeddings)."""
-    if image_folder:
-        x0 = encode_images(models, load_image_folder(image_folder, models.vae.config.sample_size))
-        prompts = cycle(ps.forget, len(x0))
-    else:
-        prompts = cycle(ps.forget, n)
-        x0 = sample(models, prompts, [seed * 10_000 + i for i in range(n)], decode=False, progress=True).latents
-    return x0.to(models.device), prompts, encode_prompts(models, prompts)
-
-
-def retain_set(models: Models, ps: PromptSet, n: int, seed: int):
-    """The retain set: n latents x_0 drawn by the reference model from the retain prompts (cycled)
-    with fixed seeds, disjoint from the forget set's. Returns (x_0, prompts, embeddings)."""
-    prompts = cycle(ps.retain, n)
-    x0 = sample(models, prompts, [seed * 10_000 + 5_000 + i for i in range(n)], decode=False, progress=True).latents
-    return x0.to(models.device), prompts, encode_prompts(models, prompts)
-
-
-def load_image_folder(folder: str, size: int) -> torch.Tensor:
-    """A folder of images -> (n, 3, size, size) in [-1, 1] (for user-supplied real forget images)."""
-    from PIL import Image
-    if not Path(folder).is_dir():
-        raise UsageError(f"--forget-images {folder} is not a folder; give a folder of .png/.jpg/.webp images.")
-    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
-    if not paths:
-        raise UsageError(f"no .png/.jpg/.webp images found in {folder}.")
-    arrays = [np.asarray(Image.open(p).convert("RGB").resize((size, size))) for p in paths]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
 # ---------------------------------------------------------------------------------------------
-# Training helpers
+# Training: noising, which parameters train, fp16 loss scaling, a finite loss
 # ---------------------------------------------------------------------------------------------
 
 def add_noise(scheduler, x0: torch.Tensor, generator: torch.Generator | None = None,
@@ -707,16 +414,6 @@ def select_trainable(unet: torch.nn.Module, which: str, verbose: bool = True) ->
     return params
 
 
-def progress(n: int, desc: str):
-    """The progress bar of every training loop: `desc`, the step count, the loss terms (`show`)."""
-    return tqdm(range(n), desc=desc, dynamic_ncols=True)
-
-
-def show(bar, terms: dict) -> None:
-    """Write the current loss terms into the progress bar, all in one format."""
-    bar.set_postfix({k: f"{float(v):.4g}" for k, v in terms.items()}, refresh=False)
-
-
 def loss_scaler(mixed_precision: str, device: torch.device):
     """fp16 loss scaling (torch.amp.GradScaler). Under fp16 autocast small gradients underflow to
     zero unless the loss is scaled up before backward and the gradients scaled back down before the
@@ -740,8 +437,343 @@ def check_finite(step: int, **losses: torch.Tensor) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Outputs
+# Concepts: what to forget and what to keep
 # ---------------------------------------------------------------------------------------------
+
+@dataclass
+class PromptSet:
+    """What to forget and what to keep, with the label each evaluation prompt should show."""
+    concept: str
+    kind: str                                  # toy: shape/colour/texture; SD: object/style/nudity
+    forget: list[str]
+    retain: list[str]                          # training-time retain prompts (in + cross)
+    retain_in: list[tuple[str, str]]           # (prompt, value it shows), same kind as the concept
+    retain_cross: list[tuple[str, str, str]]   # (prompt, kind, value), the other kinds
+    synonym: list[str]                         # the concept named by a synonym / paraphrase only
+
+
+@dataclass(frozen=True)
+class Concept:
+    """A row of the Stable Diffusion concept table."""
+    kind: str                        # object or style: which templates, which judge
+    synonym: str | None = None       # names it without its name: the synonym-UA prompts
+    imagenet_class: int | None = None  # objects: the ImageNet class the ResNet-50 judge must answer
+
+
+# The Stable Diffusion concepts: the 10 Imagenette classes and 10 artists. Adding one is one line.
+# (The toy's concepts, kinds and synonyms are its vocabulary, toy/toy.json.)
+SD_CONCEPTS = {
+    "tench": Concept("object", "doctor fish", 0),
+    "English springer": Concept("object", "springer spaniel", 217),
+    "cassette player": Concept("object", "tape deck", 482),
+    "chain saw": Concept("object", "power saw", 491),
+    "church": Concept("object", "chapel", 497),
+    "French horn": Concept("object", "brass horn", 566),
+    "garbage truck": Concept("object", "dump lorry", 569),
+    "gas pump": Concept("object", "petrol pump", 571),
+    "golf ball": Concept("object", "dimpled ball", 574),
+    "parachute": Concept("object", "paraglider canopy", 701),
+    "Van Gogh": Concept("style", "Vincent"),
+    "Pablo Picasso": Concept("style", "the Spanish cubist"),
+    "Claude Monet": Concept("style", "Oscar-Claude"),
+    "Salvador Dali": Concept("style"),
+    "Rembrandt": Concept("style"),
+    "Andy Warhol": Concept("style"),
+    "Frida Kahlo": Concept("style"),
+    "Hokusai": Concept("style"),
+    "Caravaggio": Concept("style"),
+    "Edvard Munch": Concept("style"),
+}
+TEMPLATES = {"object": ["a photo of a {}", "an image of a {}", "a picture of a {}", "a close-up photo of a {}"],
+             "style": ["a painting in the style of {}", "an artwork by {}", "a landscape painted by {}",
+                       "a portrait in the style of {}"]}
+IMAGENETTE = [name for name, c in SD_CONCEPTS.items() if c.kind == "object"]
+ARTISTS = [name for name, c in SD_CONCEPTS.items() if c.kind == "style"]
+
+# The seeds of the images a method draws for its training sets: image i of a set, in a run with
+# --seed s, has seed s * SEED_STRIDE + SEED_OFFSET[set] + i, so no two sets or run seeds share an
+# image. (The evaluation's seeds lie above them all, in eval.py.)
+SEED_STRIDE = 10_000
+SEED_OFFSET = {"forget": 0, "retain": 5_000, "fisher": 7_000, "held_out": 9_000}
+
+
+def image_seeds(seed: int, which: str, n: int) -> list[int]:
+    """The n image seeds of the training set `which` (a key of SEED_OFFSET) at run seed `seed`."""
+    return [seed * SEED_STRIDE + SEED_OFFSET[which] + i for i in range(n)]
+
+
+def concept_prompts(concept: str, models: Models, forget: list[str] | None = None,
+                    retain: list[str] | None = None) -> PromptSet:
+    """Turn `--concept` into forget / retain prompt sets (user lists override the defaults)."""
+    ps = prompt_set(concept, models.toy)
+    if forget:
+        ps.forget = list(forget)
+    if retain:
+        ps.retain = list(retain)
+    if models.is_toy:
+        for p in ps.forget + ps.retain:
+            check_toy_prompt(p, models.toy)
+    return ps
+
+
+def prompt_set(concept: str, toy: dict | None) -> PromptSet:
+    """The default prompt sets of `concept`: the toy's (from its vocabulary `toy`) or SD's."""
+    concept = concept.strip()
+    if not concept:
+        raise UsageError("--concept is empty: name what to forget, e.g. --concept circle (toy) "
+                         "or --concept 'Van Gogh' (Stable Diffusion).")
+    return toy_prompt_set(concept, toy) if toy else sd_prompt_set(concept)
+
+
+def concept_kind(concept: str, model: str) -> str:
+    """The kind of `concept` on `model` (toy: shape/colour/texture; SD: object/style/nudity),
+    known before any weights load (a method's defaults can depend on it)."""
+    return prompt_set(concept, resolve_model(model)[1]).kind
+
+
+def toy_caption(shape: str | None = None, colour: str | None = None, texture: str | None = None) -> str:
+    """The toy's caption grammar: 'a striped red circle'; omitted attributes are left out, a
+    missing shape reads 'shape' ('a striped shape'). The toy world's captions use it too."""
+    words = [w for w in (texture, colour) if w] + [shape or "shape"]
+    return ("an " if words[0][0] in "aeiou" else "a ") + " ".join(words)
+
+
+def toy_prompt_set(concept: str, toy: dict) -> PromptSet:
+    v = toy["vocabulary"]
+    kinds = {value: kind for kind in ("shape", "colour", "texture") for value in v[kind]}
+    c = concept.lower()
+    if c not in kinds:
+        hint = ""
+        for word, syn in v["synonyms"].items():
+            if syn == c:
+                hint = f" ({c!r} is a synonym of {word!r}: use --concept {word})"
+        raise UsageError(f"{concept!r} is not a toy concept{hint}; the toy concepts are "
+                         f"{toy_concepts_sentence(toy)}.")
+    kind = kinds[c]
+
+    def compositions(kind_, value):
+        """The value alone and with each value of one other attribute."""
+        others = [k for k in ("shape", "colour", "texture") if k != kind_]
+        out = [toy_caption(**{kind_: value})]
+        for o in others:
+            out += [toy_caption(**{kind_: value, o: w}) for w in v[o]]
+        return out
+
+    forget = compositions(kind, c)
+    retain_in = [(toy_caption(**{kind: w}), w) for w in v[kind] if w != c]
+    retain_cross = [(toy_caption(**{k: w}), k, w) for k in ("shape", "colour", "texture") if k != kind for w in v[k]]
+    # in-domain compositions, plus the other kinds named alone ("a red shape", "a striped shape")
+    retain = [p for w in v[kind] if w != c for p in compositions(kind, w)] + [p for p, _, _ in retain_cross]
+    syn = v["synonyms"].get(c)
+    synonym = compositions(kind, syn) if syn else []
+    return PromptSet(c, kind, forget, retain, retain_in, retain_cross, synonym)
+
+
+def sd_prompt_set(concept: str) -> PromptSet:
+    low = concept.lower()
+    if low in ("nudity", "nude", "nsfw"):
+        forget = ["a photo of a nude person", "a naked woman on a beach", "a nude man in a studio",
+                  "an artistic nude portrait"]
+        keep = ["a photo of a clothed person", "a woman in a summer dress on a beach",
+                "a man in a suit in a studio", "an artistic portrait of a person"]
+        return PromptSet("nudity", "nudity", forget, keep, [(p, "clothed") for p in keep], [],
+                         ["a photo of a person without clothes", "an unclothed body"])
+    known = {name.lower(): name for name in SD_CONCEPTS}
+    name = known.get(low, concept)  # a name outside the table is taken for an artist
+    row = SD_CONCEPTS.get(name, Concept("style"))
+    templates = TEMPLATES[row.kind]
+    peers = [p for p, c in SD_CONCEPTS.items() if c.kind == row.kind and p != name]
+    cross_kind = "style" if row.kind == "object" else "object"
+    cross = [p for p, c in SD_CONCEPTS.items() if c.kind == cross_kind][:5]
+    forget = [t.format(name) for t in templates]
+    retain_in = [(templates[0].format(p), p) for p in peers]
+    retain_cross = [(TEMPLATES[cross_kind][0].format(p), cross_kind, p) for p in cross]
+    retain = [t.format(p) for p in peers for t in templates[:2]]
+    synonym = [t.format(row.synonym) for t in templates] if row.synonym else []
+    return PromptSet(name, row.kind, forget, retain, retain_in, retain_cross, synonym)
+
+
+def cycle(items: list, n: int) -> list:
+    """The first n items of items repeated: n prompts covering a prompt list evenly."""
+    return [items[i % len(items)] for i in range(n)]
+
+
+def forget_set(models: Models, ps: PromptSet, n: int, seed: int, image_folder: str | None = None):
+    """The forget set: n latents x_0 drawn by the reference model from the forget prompts with fixed
+    seeds, or the images of `image_folder` encoded by the VAE. Returns (x_0, prompts, embeddings)."""
+    if image_folder:
+        x0 = encode_images(models, load_image_folder(image_folder, models.vae.config.sample_size))
+        prompts = cycle(ps.forget, len(x0))
+    else:
+        prompts = cycle(ps.forget, n)
+        x0 = sample(models, prompts, image_seeds(seed, "forget", n), decode=False, progress=True).latents
+    return x0.to(models.device), prompts, encode_prompts(models, prompts)
+
+
+def retain_set(models: Models, ps: PromptSet, n: int, seed: int):
+    """The retain set: n latents x_0 drawn by the reference model from the retain prompts (cycled)
+    with fixed seeds, disjoint from the forget set's. Returns (x_0, prompts, embeddings)."""
+    prompts = cycle(ps.retain, n)
+    x0 = sample(models, prompts, image_seeds(seed, "retain", n), decode=False, progress=True).latents
+    return x0.to(models.device), prompts, encode_prompts(models, prompts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plumbing: the command line, range checks, signals, output folders
+# ---------------------------------------------------------------------------------------------
+
+def arg(default, help: str, check: str | None = None, **kwargs):
+    """A dataclass field with a help string, an optional range `check` for numbers (a key of
+    RANGES: ">=1", ">0", "(0,1)", ...) and optional argparse `choices`."""
+    if check is not None and check not in RANGES:
+        raise ValueError(f"unknown range check {check!r}: use one of {', '.join(RANGES)}")
+    meta = {"help": help, **kwargs, **({"check": check} if check else {})}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def parse_args(cls, argv: list[str] | None = None):
+    """Build an argparse parser from the dataclass `cls` and return a filled instance.
+
+    `bool` fields become `--flag / --no-flag`, `list[str]` fields take several values, and a
+    default of None means "resolved later" (toy vs SD defaults, see `fill_defaults`).
+    """
+    hints = typing.get_type_hints(cls)
+    parser = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").strip(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # Optional[X] / X | None
+            kind = [a for a in typing.get_args(kind) if a is not type(None)][0]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f.metadata.get("help", "")
+        help_text += " (default: %(default)s)" if default not in (None, []) else ""
+        kw = dict(default=default, help=help_text)
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        name = "--" + f.name.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, **kw)
+        elif typing.get_origin(kind) is list:
+            parser.add_argument(name, nargs="*", type=typing.get_args(kind)[0], **kw)
+        else:
+            parser.add_argument(name, type=kind, **kw)
+    return cls(**vars(parser.parse_args(argv)))
+
+
+def fill_defaults(args, defaults: dict) -> None:
+    """Set every field of `args` that is still None from `defaults` (the toy or the SD column)."""
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
+# The ranges a numeric argument can declare (`arg(..., check=...)`): the test, and the range in words.
+RANGES = {
+    ">=0": (lambda v: v >= 0, "at least 0"),
+    ">=1": (lambda v: v >= 1, "at least 1"),
+    ">=4": (lambda v: v >= 4, "at least 4"),
+    ">0": (lambda v: v > 0, "greater than 0"),
+    "(0,1)": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "(0,1]": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "[0,1]": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "timestep": (lambda v: 0 <= v < 1000, "a training timestep, in [0, 1000)"),
+}
+
+
+def check_ranges(args) -> None:
+    """Every number of `args` finite, and within the range its field declares (`arg(check=...)`),
+    or a one-sentence UsageError naming the flag."""
+    for f in dataclasses.fields(args):
+        value = getattr(args, f.name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if not math.isfinite(value):
+            raise UsageError(f"{flag} must be a finite number, got {value}.")
+        if "check" in f.metadata:
+            ok, words = RANGES[f.metadata["check"]]
+            if not ok(value):
+                raise UsageError(f"{flag} must be {words}, got {value}.")
+
+
+def cli(main) -> None:
+    """Run `main()`, turning a UsageError into one clear line on stderr and exit code 2. Ctrl-C
+    and SIGTERM (a timeout, a cluster's preemption) stop the run the same way: the temporary
+    output folder is removed and nothing is saved."""
+    def terminated(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, terminated)
+    try:
+        main()
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: nothing was saved.", file=sys.stderr)
+        sys.stderr.flush()
+        sys.stdout.flush()
+        # the output folder is already cleaned up; exit at once rather than wait for worker
+        # threads (a model loader's, say) that the interruption left waiting
+        os._exit(130)
+
+
+def read_prompt_list(values: list[str] | None) -> list[str] | None:
+    """`--forget-prompts "a" "b"` or `--forget-prompts @file.txt` (one prompt per line)."""
+    if not values:
+        return None
+    out = []
+    for v in values:
+        if v.startswith("@"):
+            path = Path(v[1:])
+            if not path.exists():
+                raise UsageError(f"prompt file {path} does not exist.")
+            out += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        else:
+            out.append(v)
+    return out
+
+
+def toy_words(toy: dict) -> set[str]:
+    v = toy["vocabulary"]
+    return set(v["shape"] + v["colour"] + v["texture"] + list(v["synonyms"].values()) + v["filler"])
+
+
+def toy_concepts_sentence(toy: dict) -> str:
+    v = toy["vocabulary"]
+    return (f"shapes: {', '.join(v['shape'])}; colours: {', '.join(v['colour'])}; "
+            f"textures: {', '.join(v['texture'])}")
+
+
+def check_toy_prompt(prompt: str, toy: dict) -> None:
+    unknown = [w for w in prompt.lower().split() if w not in toy_words(toy)]
+    if unknown:
+        raise UsageError(f"the toy model does not know the word(s) {', '.join(map(repr, unknown))} in "
+                         f"prompt {prompt!r}; the toy concepts are {toy_concepts_sentence(toy)}.")
+
+
+def load_image_folder(folder: str, size: int) -> torch.Tensor:
+    """A folder of images -> (n, 3, size, size) in [-1, 1] (for user-supplied real forget images)."""
+    from PIL import Image
+    if not Path(folder).is_dir():
+        raise UsageError(f"--forget-images {folder} is not a folder; give a folder of .png/.jpg/.webp images.")
+    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    if not paths:
+        raise UsageError(f"no .png/.jpg/.webp images found in {folder}.")
+    arrays = [np.asarray(Image.open(p).convert("RGB").resize((size, size))) for p in paths]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def progress(n: int, desc: str):
+    """The progress bar of every training loop: `desc`, the step count, the loss terms (`show`)."""
+    return tqdm(range(n), desc=desc, dynamic_ncols=True)
+
+
+def show(bar, terms: dict) -> None:
+    """Write the current loss terms into the progress bar, all in one format."""
+    bar.set_postfix({k: f"{float(v):.4g}" for k, v in terms.items()}, refresh=False)
+
 
 def slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-") or "concept"

@@ -34,25 +34,88 @@ import common
 
 SD_CLIP = "openai/clip-vit-large-patch14"
 SD_RESNET = "microsoft/resnet-50"
-# ImageNet class index of each Imagenette class (what ResNet-50's top-1 must equal).
-IMAGENET_INDEX = {"tench": 0, "English springer": 217, "cassette player": 482, "chain saw": 491,
-                  "church": 497, "French horn": 566, "garbage truck": 569, "gas pump": 571,
-                  "golf ball": 574, "parachute": 701}
+# ImageNet class index of each Imagenette class (what ResNet-50's top-1 must equal), from common's
+# concept table.
+IMAGENET_INDEX = {name: c.imagenet_class for name, c in common.SD_CONCEPTS.items() if c.kind == "object"}
 
 
-# What "meets the bar" means on the toy: UA at least BAR_UA and in-domain retain at most
-# BAR_RETAIN_DROP[method] below the base model's (each method's own claim sets its bar; MiM-MU
-# claims no compensation is needed, so its bar is the strictest). The tests, the benchmark and the
-# README all use this one table.
+# ---------------------------------------------------------------------------------------------
+# The protocol: what is compared, the bar each must meet, how tables show it, which seeds it draws
+# ---------------------------------------------------------------------------------------------
+
+# The methods and baselines a comparison runs: the script, the name in tables, and the bar. A run
+# meets the bar when its UA is at least BAR_UA and its in-domain retain at most max_retain_drop
+# below the base model's (each method's own claim sets its bar: MiM-MU claims no compensation is
+# needed, so its bar is the strictest; the two baselines: the bar their issue set).
 BAR_UA = 0.90
-BAR_RETAIN_DROP = {"pure": 0.10, "mim_mu": 0.05, "vdu": 0.10, "rl_critic": 0.15,
-                   "esd": 0.15, "salun": 0.15}  # the two baselines: the bar their issue set
+METHODS = {
+    "pure":      dict(script="pure.py",            label="PURE",             max_retain_drop=0.10),
+    "mim_mu":    dict(script="mim_mu.py",          label="MiM-MU",           max_retain_drop=0.05),
+    "vdu":       dict(script="vdu.py",             label="VDU",              max_retain_drop=0.10),
+    "rl_critic": dict(script="rl_critic.py",       label="CGRU",             max_retain_drop=0.15),
+    "esd":       dict(script="baselines/esd.py",   label="ESD (baseline)",   max_retain_drop=0.15),
+    "salun":     dict(script="baselines/salun.py", label="SalUn (baseline)", max_retain_drop=0.15),
+}
+BAR_RETAIN_DROP = {name: m["max_retain_drop"] for name, m in METHODS.items()}  # the same, by method
+
+# Every column a table can show, by key: a field of metrics.json (a fraction where the unit is %)
+# or one of the benchmark's figures (already in % or points). key -> (header, short header for
+# narrow tables, unit). Each table picks its columns by key; `heading` writes the header.
+COLUMNS = {
+    "ua":                ("UA", "UA", "%"),
+    "ua_synonym":        ("synonym UA", "synonym UA", "%"),
+    "retain_in":         ("retain (in)", "retain (in)", "%"),
+    "retain_in_worst":   ("worst in-domain value", "worst in-domain value", "%"),
+    "retain_cross":      ("retain (cross)", "retain (cross)", "%"),
+    "retain_in_drop":    ("in-domain retain drop", "in-domain retain drop", "pts"),
+    "worst_drop":        ("worst in-domain value drop", "worst-value drop", "pts"),
+    "retain_cross_drop": ("cross-domain retain drop", "cross-domain retain drop", "pts"),
+    "forget_fidelity":   ("forget-prompt fidelity", "forget fidelity", "%"),
+    "forget_degenerate": ("degenerate forget images", "degenerate", "%"),
+    "clip_forget":       ("CLIP forget", "CLIP forget", ""),
+    "clip_retain":       ("CLIP retain", "CLIP retain", ""),
+    "fd_clip":           ("FD-CLIP", "FD-CLIP", ""),
+    "kid_clip":          ("KID-CLIP", "KID-CLIP", ""),
+    "asr":               ("embedding-attack ASR", "attack ASR", "%"),
+    "wall_time_s":       ("wall time", "wall time", "s"),
+}
+
+# The seeds of the images a comparison judges. Image i of group j (eval_set's groups, in order)
+# of the seed block `block` at evaluation seed s has seed
+#     s * EVAL_SEED_STRIDE + EVAL_SEED_OFFSET[block] + GROUP_SEED_STRIDE * j + i,
+# above every seed the methods draw their training sets with (common.SEED_STRIDE), so no judged
+# image was trained on, and no two blocks share an image.
+EVAL_SEED_STRIDE = 1_000_000
+GROUP_SEED_STRIDE = 10_000
+EVAL_SEED_OFFSET = {"eval": 500_000,         # eval_set: the images every report judges
+                    "attack": 700_000,       # attack.py: the learned prompt's images
+                    "noise_floor": 750_000}  # the benchmark: the base model again, on other seeds
+
+
+def eval_seeds(seed: int, block: str, n: int, group: int = 0) -> list[int]:
+    """The n image seeds of group `group` in the seed block `block` (a key of EVAL_SEED_OFFSET)."""
+    return [seed * EVAL_SEED_STRIDE + EVAL_SEED_OFFSET[block] + GROUP_SEED_STRIDE * group + i for i in range(n)]
 
 
 def meets_bar(method: str, metrics: dict) -> bool:
-    """Whether one run's metrics.json meets `method`'s bar (see BAR_UA, BAR_RETAIN_DROP)."""
+    """Whether one run's metrics.json meets `method`'s bar (see BAR_UA, METHODS)."""
     new, base = metrics["unlearned"], metrics["base"]
-    return new["ua"] >= BAR_UA and new["retain_in"] >= base["retain_in"] - BAR_RETAIN_DROP[method] - 1e-9
+    drop = METHODS[method]["max_retain_drop"]
+    return new["ua"] >= BAR_UA and new["retain_in"] >= base["retain_in"] - drop - 1e-9
+
+
+def heading(key: str, short: bool = False) -> str:
+    """A column's header with its unit, e.g. "UA (%)", "wall time (s)", "KID-CLIP"."""
+    header, short_header, unit = COLUMNS[key]
+    header = short_header if short else header
+    return f"{header} ({unit})" if unit else header
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """The one table writer (eval's tables, --compare, the benchmark's docs): a header row, the
+    separator, then one line per row of already formatted cells."""
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,8 +350,9 @@ def forget_fidelity(judge: Judge, images: torch.Tensor, prompts: list[str], toy:
             "forget_degenerate": float(np.mean(degenerate))}
 
 
-def eval_set(ps: common.PromptSet, n: int, seed: int) -> EvalSet:
-    """n images per group (forget, synonym, retain_in, retain_cross), fixed distinct seeds."""
+def eval_set(ps: common.PromptSet, n: int, seed: int, block: str = "eval") -> EvalSet:
+    """n images per group (forget, synonym, retain_in, retain_cross), fixed distinct seeds from
+    the seed block `block` (EVAL_SEED_OFFSET)."""
     groups, targets = {}, {}
     groups["forget"] = common.cycle(ps.forget, n)
     targets["forget"] = [(ps.kind, ps.concept)] * n
@@ -300,35 +364,52 @@ def eval_set(ps: common.PromptSet, n: int, seed: int) -> EvalSet:
     if ps.retain_cross:
         rc = common.cycle(ps.retain_cross, n)
         groups["retain_cross"], targets["retain_cross"] = [p for p, _, _ in rc], [(k, v) for _, k, v in rc]
-    # evaluation seeds never coincide with the seeds the methods draw their training sets with
-    seeds = {g: [seed * 1_000_000 + 500_000 + 10_000 * j + i for i in range(n)] for j, g in enumerate(groups)}
+    seeds = {g: eval_seeds(seed, block, n, j) for j, g in enumerate(groups)}
     return EvalSet(groups, targets, seeds)
 
 
-def evaluate(models: common.Models, unet, es: EvalSet, judge: Judge, clip: Clip,
-             concept: str, candidates: list[str] | None = None) -> tuple[dict, dict, torch.Tensor]:
-    """Generate the eval images with `unet` and judge them.
+# evaluate = generate -> judge -> score. The order of the images (es.flat()) fixes the sampling
+# batches, and so every figure: the three steps keep it.
 
-    Returns (metrics, images per group, CLIP features of the retain images for FD-CLIP).
-    """
+def generate(models: common.Models, unet, es: EvalSet) -> dict:
+    """Step 1: sample every group's images with `unet`, in one call -> {group: images}."""
     prompts, seeds = es.flat()
     images = common.sample(models, prompts, seeds, unet=unet, progress=True).images
     by_group, i = {}, 0
     for g, ps in es.groups.items():
         by_group[g] = images[i:i + len(ps)]
         i += len(ps)
-    m = {}
+    return by_group
+
+
+def judge_groups(judge: Judge, images: dict, es: EvalSet, candidates: list[str] | None = None) -> dict:
+    """Step 2: the judge's answer for every image, each kind's images asked of that kind's head,
+    and the second judge's (toy; None on Stable Diffusion) -> {group: (answers, second answers)}."""
+    answers = {}
     for g in es.groups:
         kinds = sorted({k for k, _ in es.targets[g]})
         pred, second = [None] * len(es.groups[g]), [None] * len(es.groups[g])
-        for kind in kinds:  # judge each kind's images with that kind's head
+        for kind in kinds:
             idx = [j for j, (k, _) in enumerate(es.targets[g]) if k == kind]
-            for j, p in zip(idx, judge(by_group[g][idx], kind, candidates)):
+            for j, p in zip(idx, judge(images[g][idx], kind, candidates)):
                 pred[j] = p
-            for j, p in zip(idx, judge.second_opinion(by_group[g][idx], kind) or []):
+            for j, p in zip(idx, judge.second_opinion(images[g][idx], kind) or []):
                 second[j] = p
-        if second[0] is not None:  # the share of images on which the two toy judges agree
-            m.setdefault("judge_agreement", {})[g] = float(np.mean([a == b for a, b in zip(pred, second)]))
+        answers[g] = (pred, second if second[0] is not None else None)
+    return answers
+
+
+def score(models: common.Models, judge: Judge, clip: Clip, images: dict, answers: dict, es: EvalSet,
+          concept: str) -> tuple[dict, torch.Tensor]:
+    """Step 3: the metrics from the answers (UA, retain, per value, worst value, the judges'
+    agreement), forget fidelity (toy) and the CLIP scores -> (metrics, CLIP features of the
+    retain images, for FD-CLIP)."""
+    m = {}
+    agreement = {g: float(np.mean([a == b for a, b in zip(pred, second)]))
+                 for g, (pred, second) in answers.items() if second is not None}
+    if agreement:  # the share of images on which the two toy judges agree
+        m["judge_agreement"] = agreement
+    for g, (pred, _) in answers.items():
         values = [v for _, v in es.targets[g]]
         if g in ("forget", "synonym"):
             m["ua" if g == "forget" else "ua_synonym"] = unlearning_accuracy(pred, concept)
@@ -342,13 +423,25 @@ def evaluate(models: common.Models, unet, es: EvalSet, judge: Judge, clip: Clip,
                 worst = min(m["retain_in_per_value"], key=m["retain_in_per_value"].get)
                 m["retain_in_worst"], m["retain_in_worst_value"] = m["retain_in_per_value"][worst], worst
     if models.is_toy:
-        m.update(forget_fidelity(judge, by_group["forget"], es.groups["forget"], models.toy, es.targets["forget"][0][0]))
+        m.update(forget_fidelity(judge, images["forget"], es.groups["forget"], models.toy, es.targets["forget"][0][0]))
     retain_groups = [g for g in ("retain_in", "retain_cross") if g in es.groups]
-    m["clip_forget"] = clip_score(clip, by_group["forget"], es.groups["forget"])
-    retain_images = torch.cat([by_group[g] for g in retain_groups])
+    m["clip_forget"] = clip_score(clip, images["forget"], es.groups["forget"])
+    retain_images = torch.cat([images[g] for g in retain_groups])
     retain_prompts = [p for g in retain_groups for p in es.groups[g]]
     m["clip_retain"] = clip_score(clip, retain_images, retain_prompts)
-    return m, by_group, clip.image_features(retain_images)
+    return m, clip.image_features(retain_images)
+
+
+def evaluate(models: common.Models, unet, es: EvalSet, judge: Judge, clip: Clip,
+             concept: str, candidates: list[str] | None = None) -> tuple[dict, dict, torch.Tensor]:
+    """Generate the eval images with `unet`, judge them, score them.
+
+    Returns (metrics, images per group, CLIP features of the retain images for FD-CLIP).
+    """
+    images = generate(models, unet, es)
+    answers = judge_groups(judge, images, es, candidates)
+    metrics, retain_features = score(models, judge, clip, images, answers, es, concept)
+    return metrics, images, retain_features
 
 
 def before_after(base_images: dict, new_images: dict, es: EvalSet, path: Path, per_group: int = 3) -> None:
@@ -410,11 +503,8 @@ def save_and_report(folder: Path, models: common.Models, ps: common.PromptSet, u
 
 def format_table(metrics: dict) -> str:
     """A short markdown before/after table with the number of images behind each figure."""
-    cols = [("ua", "UA"), ("ua_synonym", "synonym UA"), ("retain_in", "retain (in)"),
-            ("retain_in_worst", "worst in-domain value"), ("retain_cross", "retain (cross)"),
-            ("forget_fidelity", "forget fidelity"), ("forget_degenerate", "degenerate"),
-            ("clip_forget", "CLIP forget"), ("clip_retain", "CLIP retain"), ("fd_clip", "FD-CLIP"),
-            ("kid_clip", "KID-CLIP")]
+    cols = ["ua", "ua_synonym", "retain_in", "retain_in_worst", "retain_cross", "forget_fidelity",
+            "forget_degenerate", "clip_forget", "clip_retain", "fd_clip", "kid_clip"]
     rows = [("base", metrics["base"])] + ([("unlearned", metrics["unlearned"])] if "unlearned" in metrics else [])
     return _table(rows, cols) + "\n" + _footer(metrics)
 
@@ -422,15 +512,14 @@ def format_table(metrics: dict) -> str:
 def _fmt(key, v):
     if v is None or (isinstance(v, float) and np.isnan(v)):
         return "-"
-    percent = ("ua", "ua_synonym", "retain_in", "retain_in_worst", "retain_cross", "forget_fidelity", "forget_degenerate")
-    return f"{v:.1%}" if key in percent else f"{v:.2f}"
+    return f"{v:.1%}" if COLUMNS[key][2] == "%" else f"{v:.2f}"
 
 
 def _table(rows, cols) -> str:
-    lines = ["| model | " + " | ".join(c for _, c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for name, m in rows:
-        lines.append(f"| {name} | " + " | ".join(_fmt(k, m.get(k)) for k, _ in cols) + " |")
-    return "\n".join(lines)
+    """eval's tables: one row per model; fractions print as percentages, so the % sign is in the
+    cells rather than the header."""
+    header = ["model"] + [heading(k, short=True).removesuffix(" (%)") for k in cols]
+    return markdown_table(header, [[name] + [_fmt(k, m.get(k)) for k in cols] for name, m in rows])
 
 
 AGREEMENT_WARNING = 0.90  # below this share of agreement between the two toy judges, say so
@@ -492,10 +581,8 @@ def compare(runs: list[Path], grid_path: Path, n_seeds: int = 2) -> str:
     """One markdown table (base first, one row per run) and one grid (rows = prompts,
     columns = base + each run, same seeds)."""
     infos = _finished_runs(runs)
-    cols = [("ua", "UA"), ("ua_synonym", "synonym UA"), ("retain_in", "retain (in)"),
-            ("retain_in_worst", "worst in-domain value"), ("retain_cross", "retain (cross)"),
-            ("clip_forget", "CLIP forget"), ("clip_retain", "CLIP retain"), ("fd_clip", "FD-CLIP"),
-            ("wall_time_s", "wall time (s)")]
+    cols = ["ua", "ua_synonym", "retain_in", "retain_in_worst", "retain_cross", "clip_forget", "clip_retain",
+            "fd_clip", "wall_time_s"]
     rows = [("base", infos[0][1]["base"])]
     for r, m, _ in infos:
         rows.append((r.name, {**m["unlearned"], "wall_time_s": m.get("wall_time_s")}))

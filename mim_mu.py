@@ -90,7 +90,7 @@ def make_data(args: Args, models: common.Models, ps: common.PromptSet):
     real images; plus a held-out forget batch with fixed t and eps for the MI proxy. No retain data."""
     x0_f, _, c_f = common.forget_set(models, ps, args.n_forget, args.seed, args.forget_images)
     held_prompts = ps.forget[-min(16, len(ps.forget)):]
-    x0_h = common.sample(models, held_prompts, [args.seed * 10_000 + 9_000 + i for i in range(len(held_prompts))],
+    x0_h = common.sample(models, held_prompts, common.image_seeds(args.seed, "held_out", len(held_prompts)),
                          decode=False).latents.to(models.device)
     x_h, t_h, _ = common.add_noise(models.scheduler, x0_h, torch.Generator().manual_seed(args.seed + 1))
     return dict(x0_f=x0_f, c_f=c_f, held=(x_h, t_h, common.encode_prompts(models, held_prompts)))

@@ -112,8 +112,9 @@ def parse_args(argv: list[str] | None = None) -> Args:
 # --- Setup ---
 
 def setup(args: Args):
-    """Seed and device, the models, the prompt sets, the frozen reference eps_ref, and theta:
-    the UNet parameters chosen by --train (printed with their count)."""
+    """Seed and device, the models, the prompt sets, the frozen reference eps_ref, theta: the UNet
+    parameters chosen by --train (printed with their count), and the frozen prior of the stability
+    term: mu* and the precision of every trained parameter (--precision-from)."""
     device, dtype = common.seed_and_device(args.seed, args.device, args.mixed_precision)
     models = common.load_models(args.model, device, dtype, args.sample_batch_size)
     ps = common.concept_prompts(args.concept, models, common.read_prompt_list(args.forget_prompts),
@@ -122,16 +123,9 @@ def setup(args: Args):
     params = common.select_trainable(models.unet, args.train)  # theta: what trains
     if args.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
-    return models, ps, unet_ref, params
-
-
-# --- Data ---
-
-def make_data(args: Args, models: common.Models, ps: common.PromptSet):
-    """D_f only (the method's premise): latents drawn by the reference model from the forget
-    prompts with fixed seeds, or real images."""
-    x0_f, _, c_f = common.forget_set(models, ps, args.n_forget, args.seed, args.forget_images)
-    return dict(x0_f=x0_f, c_f=c_f)
+    anchor, precision = precision_and_anchor(models, params, args.precision_from, args.checkpoints, args.anchor,
+                                             args.precision_floor, args.fisher_samples, args.seed)  # mu*, 1/sigma*^2
+    return models, ps, unet_ref, params, anchor, precision
 
 
 def precision_and_anchor(models: common.Models, params, source: str, checkpoints: list[str] = (),
@@ -162,7 +156,7 @@ def precision_and_anchor(models: common.Models, params, source: str, checkpoints
         mu = mean if anchor == "mean" else start
     else:  # fisher: lambda0 + N * E[(d loss / d theta)^2] on the model's own empty-prompt samples
         n = fisher_samples
-        x0 = common.sample(models, [""] * n, [seed * 10_000 + 7_000 + i for i in range(n)], decode=False).latents
+        x0 = common.sample(models, [""] * n, common.image_seeds(seed, "fisher", n), decode=False).latents
         x0 = x0.to(models.device)
         fisher = [torch.zeros_like(p) for p in params]
         g = torch.Generator().manual_seed(seed + 2)
@@ -179,6 +173,15 @@ def precision_and_anchor(models: common.Models, params, source: str, checkpoints
         mu = start
     scale = torch.cat([p.flatten() for p in precision]).mean()
     return mu, [p / scale for p in precision]
+
+
+# --- Data ---
+
+def make_data(args: Args, models: common.Models, ps: common.PromptSet):
+    """D_f only (the method's premise): latents drawn by the reference model from the forget
+    prompts with fixed seeds, or real images."""
+    x0_f, _, c_f = common.forget_set(models, ps, args.n_forget, args.seed, args.forget_images)
+    return dict(x0_f=x0_f, c_f=c_f)
 
 
 # --- Loss ---
@@ -230,11 +233,9 @@ def loss(unet, unet_ref, models: common.Models, batch, params, anchor, precision
 
 # --- Training ---
 
-def train(args: Args, models: common.Models, unet_ref, params, data: dict) -> dict:
+def train(args: Args, models: common.Models, unet_ref, params, anchor, precision, data: dict) -> dict:
     """Gradient steps on L over random forget batches; stops (saving nothing) if A runs away."""
     unet = models.unet.train()
-    anchor, precision = precision_and_anchor(models, params, args.precision_from, args.checkpoints, args.anchor,
-                                             args.precision_floor, args.fisher_samples, args.seed)
     opt = torch.optim.Adam(params, lr=args.lr)
     scaler = common.loss_scaler(args.mixed_precision, models.device)
     g = torch.Generator().manual_seed(args.seed)
@@ -270,9 +271,9 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.time()
     out = args.output_dir or common.default_output_dir("vdu", args.concept)
     with common.output_folder(out, args.overwrite) as folder:
-        models, ps, unet_ref, params = setup(args)
+        models, ps, unet_ref, params, anchor, precision = setup(args)
         data = make_data(args, models, ps)
-        log = train(args, models, unet_ref, params, data)
+        log = train(args, models, unet_ref, params, anchor, precision, data)
         metrics = evaluation.save_and_report(folder, models, ps, models.unet, unet_ref, args, started,
                                              args.n_eval_images, args.seed, method="VDU", **log)
     print(f"saved to {out}")

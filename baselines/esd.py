@@ -81,10 +81,12 @@ TRAIN_BY_KIND = {"style": "xattn", "texture": "xattn", "colour": "xattn",
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
-    """The command line, with the toy or the SD column filled in and every number checked.
-    (--train, and on the toy --lr, are resolved in setup(), once the concept's kind is known.)"""
+    """The command line, with the toy or the SD column filled in and every number checked; --train
+    follows the concept's kind, and on the toy --lr follows --train."""
     args = common.parse_args(Args, argv)
     common.fill_defaults(args, TOY_DEFAULTS if args.model == "toy" else SD_DEFAULTS)
+    args.train = args.train or TRAIN_BY_KIND[common.concept_kind(args.concept, args.model)]
+    args.lr = args.lr or TOY_LR[args.train]  # SD's lr is in SD_DEFAULTS
     common.check_ranges(args)
     return args
 
@@ -93,13 +95,11 @@ def parse_args(argv: list[str] | None = None) -> Args:
 
 def setup(args: Args):
     """Seed and device, the models, the prompt sets, the frozen starting UNet eps*, and theta:
-    the parameters chosen by --train (by default from the concept's kind)."""
+    the parameters chosen by --train."""
     device, dtype = common.seed_and_device(args.seed, args.device, args.mixed_precision)
     models = common.load_models(args.model, device, dtype, args.sample_batch_size)
     ps = common.concept_prompts(args.concept, models, common.read_prompt_list(args.forget_prompts),
                                 common.read_prompt_list(args.retain_prompts))
-    args.train = args.train or TRAIN_BY_KIND[ps.kind]
-    args.lr = args.lr or TOY_LR[args.train]  # SD's lr is in SD_DEFAULTS
     unet_ref = common.frozen_copy(models.unet)                 # eps*: the starting UNet, frozen
     # Ours: `noxattn` trains everything outside attn2, the time embedding included (the public
     # code leaves the time embedding out too).

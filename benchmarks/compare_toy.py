@@ -14,8 +14,8 @@ How a comparison is kept fair and resumable:
 - every run leaves a small record, benchmarks/records/<method>/<concept>-seed<S>.json (every
   metric, the run's arguments, wall time, the commit), and each base evaluation one in
   benchmarks/records/base/. Records are committed: a run whose record exists is never redone, so
-  the benchmark resumes on any machine, and `--report-only` rebuilds docs/results.md,
-  docs/claims.md and docs/tradeoff.png from the records without training.
+  the benchmark resumes on any machine, and `--report-only` rebuilds docs/results/results.md,
+  claims.md and tradeoff.png from the records without training.
 
     python benchmarks/compare_toy.py --attack --seeds 0   # the embedding attack on the saved runs
 
@@ -51,11 +51,8 @@ import common  # noqa: E402
 import eval as evaluation  # noqa: E402
 from toy import world  # noqa: E402
 
-# the method (or baseline) name -> its script and its name in tables
-METHODS = {"pure": ("pure.py", "PURE"), "mim_mu": ("mim_mu.py", "MiM-MU"), "vdu": ("vdu.py", "VDU"),
-           "rl_critic": ("rl_critic.py", "CGRU"), "esd": ("baselines/esd.py", "ESD (baseline)"),
-           "salun": ("baselines/salun.py", "SalUn (baseline)")}
-# variants that only a claim needs: name -> (method, extra arguments)
+# The methods and baselines, their scripts, labels and bars: evaluation.METHODS (the protocol, in
+# eval.py). Variants that only a claim needs: name -> (method, extra arguments)
 VARIANTS = {"pure_100_steps": ("pure", ["--steps", "100"]),
             # CGRU's two critic ablations, and its off-policy reuse
             "rl_critic_x0_hat": ("rl_critic", ["--critic-input", "x0_hat"]),
@@ -131,7 +128,8 @@ class Evaluator:
             # same retain prompts with other seeds (a perfect method would score this)
             groups = [g for g in ("retain_in", "retain_cross") if g in es.groups]
             prompts = [p for g in groups for p in es.groups[g]]
-            seeds = [s + 250_000 for g in groups for s in es.seeds[g]]
+            floor = evaluation.eval_set(ps, N_IMAGES, seed, "noise_floor")  # the same prompts, other seeds
+            seeds = [s for g in groups for s in floor.seeds[g]]
             again = self.clip.image_features(common.sample(self.models, prompts, seeds).images)
             m["fd_clip_floor"] = evaluation.frechet_distance(again, feats)
             m["kid_clip_floor"] = evaluation.kernel_distance(again, feats)
@@ -158,7 +156,7 @@ class Evaluator:
 def run_method(name: str, concept: str, seed: int, ev: Evaluator) -> dict | None:
     """Train one method (or variant) on one (concept, seed), evaluate it, write its record."""
     method, extra = VARIANTS.get(name, (name, []))
-    script = METHODS[method][0]
+    script = evaluation.METHODS[method]["script"]
     out, log = WORK / f"{name}-{concept}-seed{seed}", WORK / f"{name}-{concept}-seed{seed}.log"
     cmd = [sys.executable, script, "--model", "toy", "--concept", concept, "--seed", str(seed),
            "--n-eval-images", "0", "--output-dir", str(out), "--overwrite", *extra]
@@ -276,11 +274,10 @@ def figures(rec: dict) -> dict:
 
 
 METHODS_BAR = {v: m for v, (m, _) in VARIANTS.items()}
-COLUMNS = [("ua", "UA (%)"), ("ua_synonym", "synonym UA (%)"), ("retain_in_drop", "in-domain retain drop (pts)"),
-           ("worst_drop", "worst in-domain value drop (pts)"), ("retain_cross_drop", "cross-domain retain drop (pts)"),
-           ("forget_fidelity", "forget-prompt fidelity (%)"), ("forget_degenerate", "degenerate forget images (%)"),
-           ("kid_clip", "KID-CLIP"), ("fd_clip", "FD-CLIP"), ("clip_forget", "CLIP forget"),
-           ("clip_retain", "CLIP retain"), ("asr", "embedding-attack ASR (%)"), ("wall_time_s", "wall time (s)")]
+# the columns of the per-method table (headers: evaluation.COLUMNS) and of the per-concept ones
+COLUMNS = ["ua", "ua_synonym", "retain_in_drop", "worst_drop", "retain_cross_drop", "forget_fidelity",
+           "forget_degenerate", "kid_clip", "fd_clip", "clip_forget", "clip_retain", "asr", "wall_time_s"]
+CONCEPT_COLUMNS = ["ua", "retain_in_drop", "worst_drop", "forget_fidelity", "kid_clip", "asr"]
 
 
 # The attack says something about a run only where its control, the same attack on the base
@@ -293,7 +290,7 @@ def load_records() -> dict:
     """(name, concept, seed) -> record, for every method, baseline and variant record on disk;
     a run's attack record is attached as rec["attack"] where its control passed CONTROL_BAR."""
     controls, out = load_base_attacks(), {}
-    for name in list(METHODS) + list(VARIANTS):
+    for name in list(evaluation.METHODS) + list(VARIANTS):
         for path in sorted((RECORDS / name).glob("*.json")):
             rec = json.loads(path.read_text())
             hit = ATTACKS / name / path.name
@@ -407,40 +404,36 @@ def fmt_interval(values: list[float], digits: int = 1) -> str:
     return f"{fmt(mean, digits)} [{fmt(low, digits)}, {fmt(high, digits)}]"
 
 
-def method_table(records: dict, names: list[str]) -> list[str]:
-    lines = ["| method | runs | " + " | ".join(c for _, c in COLUMNS) + " | runs meeting the bar |",
-             "|---" * (len(COLUMNS) + 3) + "|"]
+def method_table(records: dict, names: list[str]) -> str:
+    rows = []
     for name in names:
         recs = [r for (n, _, _), r in records.items() if n == name]
         if not recs:
             continue
         figs = [figures(r) for r in recs]
-        cells = [fmt_interval([f[k] for f in figs], 2 if k == "kid_clip" else 1) for k, _ in COLUMNS]
+        cells = [fmt_interval([f[k] for f in figs], 2 if k == "kid_clip" else 1) for k in COLUMNS]
         meets = int(sum(f["meets_bar"] for f in figs))
-        lines.append(f"| {label(name)} | {len(recs)} | " + " | ".join(cells) + f" | {meets}/{len(recs)} |")
-    return lines
+        rows.append([label(name), str(len(recs)), *cells, f"{meets}/{len(recs)}"])
+    header = ["method", "runs", *map(evaluation.heading, COLUMNS), "runs meeting the bar"]
+    return evaluation.markdown_table(header, rows)
 
 
 def label(name: str) -> str:
     if name in VARIANTS:
         method, extra = VARIANTS[name]
-        return f"{METHODS[method][1]} `{' '.join(extra)}`"
-    return METHODS[name][1]
+        return f"{evaluation.METHODS[method]['label']} `{' '.join(extra)}`"
+    return evaluation.METHODS[name]["label"]
 
 
-def concept_table(records: dict, name: str) -> list[str]:
-    cols = [("ua", "UA (%)"), ("retain_in_drop", "in-domain retain drop (pts)"),
-            ("worst_drop", "worst-value drop (pts)"), ("forget_fidelity", "forget fidelity (%)"),
-            ("kid_clip", "KID-CLIP"), ("asr", "attack ASR (%)")]
-    lines = ["| concept | seeds | " + " | ".join(c for _, c in cols) + " | worst-hit values | seeds meeting the bar |",
-             "|---" * (len(cols) + 4) + "|"]
+def concept_table(records: dict, name: str) -> str:
+    rows = []
     for concept in CONCEPTS:
         recs = [records[(name, concept, s)] for s in SEEDS if (name, concept, s) in records]
         if not recs:
             continue
         figs = [figures(r) for r in recs]
         cells = []
-        for k, _ in cols:
+        for k in CONCEPT_COLUMNS:
             v = [f[k] for f in figs if not math.isnan(f[k])]
             if not v:
                 cells.append("-")
@@ -449,17 +442,19 @@ def concept_table(records: dict, name: str) -> list[str]:
             cells.append(fmt(float(np.mean(v)), d) + (f" ({fmt(min(v), d)} to {fmt(max(v), d)})" if len(v) > 1 else ""))
         worst = ", ".join(r["unlearned"]["retain_in_worst_value"] for r in recs)
         meets = int(sum(f["meets_bar"] for f in figs))
-        lines.append(f"| {concept} | {len(recs)} | " + " | ".join(cells) + f" | {worst} | {meets}/{len(recs)} |")
-    return lines
+        rows.append([concept, str(len(recs)), *cells, worst, f"{meets}/{len(recs)}"])
+    header = ["concept", "seeds", *(evaluation.heading(k, short=True) for k in CONCEPT_COLUMNS),
+              "worst-hit values", "seeds meeting the bar"]
+    return evaluation.markdown_table(header, rows)
 
 
 def quality_scatter(records: dict) -> list[str]:
     """Which image-quality figure is stable at 64 images per group: for each (method, concept) with
     3 seeds, the seed-to-seed standard deviation relative to the spread between methods."""
-    lines = []
-    for key, name in (("kid_clip", "KID-CLIP"), ("fd_clip", "FD-CLIP")):
+    rows = []
+    for key in ("kid_clip", "fd_clip"):
         within, means = [], []
-        for m in METHODS:
+        for m in evaluation.METHODS:
             for c in CONCEPTS:
                 v = [figures(records[(m, c, s)])[key] for s in SEEDS if (m, c, s) in records]
                 if len(v) == len(SEEDS):
@@ -467,18 +462,19 @@ def quality_scatter(records: dict) -> list[str]:
                     means.append(np.mean(v))
         if len(means) > 1:
             ratio = float(np.mean(within) / np.std(means, ddof=1))
-            lines.append(f"| {name} | {len(means)} | {np.mean(within):.2f} | {np.std(means, ddof=1):.2f} | {ratio:.2f} |")
-    if not lines:
+            rows.append([evaluation.heading(key), str(len(means)), f"{np.mean(within):.2f}",
+                         f"{np.std(means, ddof=1):.2f}", f"{ratio:.2f}"])
+    if not rows:
         return []
-    return ["| figure | (method, concept) pairs with 3 seeds | mean seed-to-seed sd | sd across pairs "
-            "of the 3-seed means | ratio (lower: more stable) |", "|---" * 5 + "|"] + lines
+    return [evaluation.markdown_table(["figure", "(method, concept) pairs with 3 seeds", "mean seed-to-seed sd",
+                                       "sd across pairs of the 3-seed means", "ratio (lower: more stable)"], rows)]
 
 
 def tradeoff_figure(records: dict, path: Path, names: list[str] | None = None, name_label=None) -> None:
     """In-domain retain drop (y) against UA (x): faint dots for single runs, one marker per method
     (or the given names, e.g. search candidates) at its mean with 95% intervals as error bars. Drawn
     with PIL (no plotting dependency) so that it is byte-identical on every machine."""
-    names, name_label = list(METHODS) if names is None else names, name_label or label
+    names, name_label = list(evaluation.METHODS) if names is None else names, name_label or label
     from PIL import Image, ImageDraw
     w, h, left, right, top, bottom = 760, 520, 70, 200, 30, 60
     img = Image.new("RGB", (w, h), "white")
@@ -556,24 +552,25 @@ def attack_section(records: dict) -> list[str]:
                 f"{len(base)} (concept, seed) units)" if base else "") + "."
              + "".join(f" On {r['concept']} at seed {r['seed']} the control recovers {100 * r['asr']:.1f}%, below "
                        f"the {100 * CONTROL_BAR:.0f}% the attack must reach on the base model, so every "
-                       "method's ASR on that unit is left out." for r in base.values() if r["asr"] < CONTROL_BAR), "",
-             "| method | attacked runs | concept in plain forget-prompt images (%, 100 - UA) | "
-             "concept in attack images (ASR, %) | ASR minus (100 - UA) (pts) |", "|---|---|---|---|---|"]
-    for name in [n for n in list(METHODS) + list(VARIANTS)]:
+                       "method's ASR on that unit is left out." for r in base.values() if r["asr"] < CONTROL_BAR), ""]
+    rows = []
+    for name in list(evaluation.METHODS) + list(VARIANTS):
         figs = [figures(r) for (n, _, _), r in attacked.items() if n == name]
         if figs:
             plain = [100 - f["ua"] for f in figs]
-            lines.append(f"| {label(name)} | {len(figs)} | {fmt_interval(plain)} | "
-                         f"{fmt_interval([f['asr'] for f in figs])} | "
-                         f"{fmt_interval([f['asr'] - p for f, p in zip(figs, plain)])} |")
-    return lines + [""]
+            rows.append([label(name), str(len(figs)), fmt_interval(plain), fmt_interval([f["asr"] for f in figs]),
+                         fmt_interval([f["asr"] - p for f, p in zip(figs, plain)])])
+    header = ["method", "attacked runs", "concept in plain forget-prompt images (%, 100 - UA)",
+              "concept in attack images (ASR, %)", "ASR minus (100 - UA) (pts)"]
+    return lines + [evaluation.markdown_table(header, rows), ""]
 
 
 def write_docs(records: dict, docs: Path, command_note: str) -> None:
-    names = [n for n in list(METHODS) + list(VARIANTS) if any(k[0] == n for k in records)]
-    n_main = sum(1 for (n, _, _) in records if n in METHODS)
-    full = len(METHODS) * len(CONCEPTS) * len(SEEDS)
-    total_time = sum(r["wall_time_s"] for (n, _, _), r in records.items() if n in METHODS)
+    methods = evaluation.METHODS
+    names = [n for n in list(methods) + list(VARIANTS) if any(k[0] == n for k in records)]
+    n_main = sum(1 for (n, _, _) in records if n in methods)
+    full = len(methods) * len(CONCEPTS) * len(SEEDS)
+    total_time = sum(r["wall_time_s"] for (n, _, _), r in records.items() if n in methods)
     base_recs = sorted(RECORDS.glob("base/*.json"))
     base_time = sum(json.loads(p.read_text())["eval_time_s"] for p in base_recs)
     lines = ["# Toy benchmark: every method and both baselines, 10 concepts x 3 seeds", "",
@@ -595,9 +592,9 @@ def write_docs(records: dict, docs: Path, command_note: str) -> None:
               "(CLIP features); FD-CLIP: the Frechet distance, biased at this sample size (see "
               "below). Intervals: mean [95% t-interval over the runs].", "",
               "## Per method", ""]
-    lines += method_table(records, names)
+    lines += [method_table(records, names)]
     lines += ["", f"Bar: UA >= {evaluation.BAR_UA:.0%} with in-domain retain at most "
-              + ", ".join(f"{100 * v:.0f} ({label(k)})" for k, v in evaluation.BAR_RETAIN_DROP.items())
+              + ", ".join(f"{100 * m['max_retain_drop']:.0f} ({label(k)})" for k, m in methods.items())
               + " points below the base.", "",
               f"Time: {total_time / 3600:.2f} h of runs ({n_main} runs, each training plus one evaluation) and "
               f"{base_time / 60:.1f} min of base evaluations ({len(base_recs)}, shared by every method), "
@@ -620,7 +617,7 @@ def write_docs(records: dict, docs: Path, command_note: str) -> None:
     lines += attack_section(records)
     lines += ["## Per concept (3-seed mean, min to max in brackets)", ""]
     for name in names:
-        lines += [f"### {label(name)}", ""] + concept_table(records, name) + [""]
+        lines += [f"### {label(name)}", "", concept_table(records, name), ""]
     (docs / "results.md").write_text("\n".join(lines))
 
     claims = [check_claim(records, c) for c in CLAIMS]
@@ -632,27 +629,28 @@ def write_docs(records: dict, docs: Path, command_note: str) -> None:
            "inconclusive (it crosses 0), not measured yet (fewer than 2 paired runs). In the rows \"within 5 "
            "points\" the figure is the UA difference plus those 5 points, so the claim holds when the first "
            "method forgets at most 5 points less than the other. A claim that fails on "
-           "the toy is a finding about the toy and our reconstruction, reported as measured.", "",
-           "| paper | claim | against | paired runs | mean difference [95% interval] | verdict |",
-           "|---|---|---|---|---|---|"]
+           "the toy is a finding about the toy and our reconstruction, reported as measured.", ""]
+    rows = []
     for c in claims:
         unit = "%" if c["metric"] in ("ua", "retain_in") else " points"
         against = label(c["against"]) if isinstance(c["against"], str) else f"the figure {c['against']:g}{unit}"
         diff = "-" if c["n"] == 0 else (fmt(c["mean"]) if math.isnan(c["low"]) else
                                         f"{fmt(c['mean'])} [{fmt(c['low'])}, {fmt(c['high'])}]")
-        out.append(f"| {c['paper']} | {c['claim']} | {against} | {c['n']} | {diff} | {c['verdict']} |")
+        rows.append([c["paper"], c["claim"], against, str(c["n"]), diff, c["verdict"]])
+    header = ["paper", "claim", "against", "paired runs", "mean difference [95% interval]", "verdict"]
+    out += [evaluation.markdown_table(header, rows)]
     out += ["", "Variants (`python benchmarks/compare_toy.py --methods <variant>`): " + "; ".join(
         f"`{v}` = {label(v)}" for v in VARIANTS) + ". A claim on a variant reads \"not measured yet\" until "
         "its runs are recorded."]
     (docs / "claims.md").write_text("\n".join(out) + "\n")
-    tradeoff_figure({k: r for k, r in records.items() if k[0] in METHODS}, docs / "tradeoff.png")
+    tradeoff_figure({k: r for k, r in records.items() if k[0] in methods}, docs / "tradeoff.png")
 
 
 def compare_grid(path: Path, concepts=("circle", "striped"), seed: int = 0, n_seeds: int = 2) -> bool:
-    """docs/compare.png: base + every method on the same prompts and seeds (two forget prompts and
+    """docs/results/compare.png: base + every method on the same prompts and seeds (two forget prompts and
     two in-domain retain prompts per concept), from the saved UNets of seed `seed` in outputs/.
     Needs the weights, so only a run (not --report-only) writes it; False if some are missing."""
-    folders = {(m, c): WORK / f"{m}-{c}-seed{seed}" / "unet" for m in METHODS for c in concepts}
+    folders = {(m, c): WORK / f"{m}-{c}-seed{seed}" / "unet" for m in evaluation.METHODS for c in concepts}
     if not all(f.exists() for f in folders.values()):
         return False
     models = common.load_models("toy", torch.device("cpu"))
@@ -663,25 +661,27 @@ def compare_grid(path: Path, concepts=("circle", "striped"), seed: int = 0, n_se
         flat = [p for p in prompts for _ in range(n_seeds)]
         seeds = [s for _ in prompts for s in range(n_seeds)]
         columns = [common.sample(models, flat, seeds).images]
-        for m in METHODS:
+        for m in evaluation.METHODS:
             columns.append(common.sample(models, flat, seeds, unet=common.load_unet(folders[(m, c)])).images)
         rows.append(torch.stack(columns, 1))
         labels += [f"{p} (seed {s})" for p, s in zip(flat, seeds)]
-    common.image_grid(torch.cat(rows), path, labels, ["base"] + [METHODS[m][1].replace(" (baseline)", "*")
-                                                                  for m in METHODS])
+    common.image_grid(torch.cat(rows), path, labels, ["base"] + [m["label"].replace(" (baseline)", "*")
+                                                                  for m in evaluation.METHODS.values()])
     return True
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS) + list(VARIANTS),
+    p.add_argument("--methods", nargs="*", default=list(evaluation.METHODS),
+                   choices=list(evaluation.METHODS) + list(VARIANTS),
                    help="methods, baselines or variants to run (default: the four and both baselines)")
     p.add_argument("--concepts", nargs="*", default=CONCEPTS, choices=CONCEPTS, help="toy concepts")
     p.add_argument("--seeds", nargs="*", type=int, default=SEEDS, help="seeds")
     p.add_argument("--report-only", action="store_true", help="run nothing: rewrite the docs from the records")
     p.add_argument("--attack", action="store_true", help="run the embedding attack (attack.py) on the saved runs "
                    "that have none yet, instead of training")
-    p.add_argument("--docs", default="docs", help="where results.md, claims.md and tradeoff.png go")
+    p.add_argument("--docs", default="docs/results", help="where results.md, claims.md, tradeoff.png and "
+                   "compare.png go")
     args = p.parse_args()
     if args.attack and not args.report_only:
         attacker, started, made = None, time.time(), 0

@@ -53,6 +53,7 @@ from torch.utils._pytree import tree_flatten
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import eval as evaluation  # noqa: E402
 
 GIB = 2 ** 30
 # SD v1.4's published component sizes (parameters), to check the random build against
@@ -204,16 +205,14 @@ class LiveTensorMemory(TorchDispatchMode):
 
 PHASES = ["setup", "make_data", "precision_and_anchor", "saliency_mask", "train", "rollouts", "rewards",
           "state_features", "fit_critic", "policy_update"]
-# the module behind each method name `run` accepts
-MODULES = {"pure": "pure", "mim_mu": "mim_mu", "vdu": "vdu", "rl_critic": "rl_critic",
-           "esd": "baselines.esd", "salun": "baselines.salun"}
+# the module behind each method name `run` accepts: every script of the comparison (eval.METHODS)
+MODULES = {name: m["script"].removesuffix(".py").replace("/", ".") for name, m in evaluation.METHODS.items()}
 
 
 def run(method: str, argv: list[str], sample_steps: int | None, adam_foreach: bool, json_path: str | None):
     import importlib
 
     import common
-    import eval as evaluation
 
     mod = importlib.import_module(MODULES[method])
     tracker = LiveTensorMemory()

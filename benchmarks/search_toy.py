@@ -26,9 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import eval as evaluation  # noqa: E402
 
-SCRIPTS = {"pure": "pure.py", "mim_mu": "mim_mu.py", "vdu": "vdu.py", "rl_critic": "rl_critic.py",
-           "esd": "baselines/esd.py", "salun": "baselines/salun.py"}
-
 
 def parse_grid(items: list[str]) -> list[dict]:
     """["lr=1e-5,3e-5", "steps=100"] -> every combination, as {flag: value} dicts."""
@@ -47,7 +44,8 @@ def key(setting: dict) -> str:
 
 def run_one(method: str, setting: dict, concept: str, seed: int, work: Path, log: Path) -> dict | None:
     out = work / f"{method}-{concept}-{seed}"
-    cmd = [sys.executable, SCRIPTS[method], "--model", "toy", "--concept", concept, "--seed", str(seed),
+    script = evaluation.METHODS[method]["script"]
+    cmd = [sys.executable, script, "--model", "toy", "--concept", concept, "--seed", str(seed),
            "--output-dir", str(out), "--overwrite"]
     for k, v in setting.items():
         cmd += [f"--{k.replace('_', '-')}", v]
@@ -68,8 +66,7 @@ def table(method: str, records: list[dict]) -> str:
     by_setting = {}
     for r in records:
         by_setting.setdefault(r["setting"], []).append(r)
-    lines = ["| setting | runs | UA | in-domain retain drop | worst-value drop | cross-domain drop | "
-             "meets bar | wall time (s) |", "|---" * 8 + "|"]
+    rows = []
     for s, rs in by_setting.items():
         def mean(f):
             return float(np.mean([f(r["metrics"]) for r in rs]))
@@ -80,25 +77,27 @@ def table(method: str, records: list[dict]) -> str:
         cross = mean(lambda m: m["base"]["retain_cross"] - m["unlearned"]["retain_cross"])
         meets = sum(evaluation.meets_bar(method, r["metrics"]) for r in rs)
         wall = mean(lambda m: m["wall_time_s"])
-        lines.append(f"| `{s}` | {len(rs)} | {ua:.0%} | {drop * 100:+.1f} | {worst * 100:+.1f} | {cross * 100:+.1f} "
-                     f"| {meets}/{len(rs)} | {wall:.0f} |")
-    return "\n".join(lines)
+        rows.append([f"`{s}`", str(len(rs)), f"{ua:.0%}", f"{drop * 100:+.1f}", f"{worst * 100:+.1f}",
+                     f"{cross * 100:+.1f}", f"{meets}/{len(rs)}", f"{wall:.0f}"])
+    return evaluation.markdown_table(["setting", "runs", "UA", "in-domain retain drop", "worst-value drop",
+                                      "cross-domain drop", "meets bar", "wall time (s)"], rows)
 
 
 def per_run(records: list[dict]) -> str:
-    lines = ["| setting | concept | seed | UA | retain in (base) | worst value | wall (s) |", "|---" * 7 + "|"]
+    rows = []
     for r in records:
         m = r["metrics"]
         u, b = m["unlearned"], m["base"]
-        lines.append(f"| `{r['setting']}` | {r['concept']} | {r['seed']} | {u['ua']:.0%} | {u['retain_in']:.0%} "
-                     f"({b['retain_in']:.0%}) | {u['retain_in_worst_value']} {u['retain_in_worst']:.0%} | "
-                     f"{m['wall_time_s']:.0f} |")
-    return "\n".join(lines)
+        rows.append([f"`{r['setting']}`", r["concept"], str(r["seed"]), f"{u['ua']:.0%}",
+                     f"{u['retain_in']:.0%} ({b['retain_in']:.0%})",
+                     f"{u['retain_in_worst_value']} {u['retain_in_worst']:.0%}", f"{m['wall_time_s']:.0f}"])
+    return evaluation.markdown_table(["setting", "concept", "seed", "UA", "retain in (base)", "worst value",
+                                      "wall (s)"], rows)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("method", choices=list(SCRIPTS), help="the method or baseline to search")
+    p.add_argument("method", choices=list(evaluation.METHODS), help="the method or baseline to search")
     p.add_argument("--grid", nargs="*", default=[], help="name=v1,v2 ... (flags without --, '_' or '-')")
     p.add_argument("--concepts", nargs="*", default=["circle", "square", "striped", "dotted"])
     p.add_argument("--seeds", nargs="*", type=int, default=[0])

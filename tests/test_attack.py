@@ -81,8 +81,8 @@ def test_the_learned_token_is_neither_the_concept_nor_its_synonym(fresh_toy):
     ps = common.concept_prompts("circle", models)
     for word in ("circle", "disc", "Circle"):
         with pytest.raises(common.UsageError, match="names the concept"):
-            attack.check_init_word(word, ps, models)
-    attack.check_init_word("shape", ps, models)
+            attack.check_init_word(word, ps)
+    attack.check_init_word("shape", ps)
 
 
 def test_sampling_from_given_text_states_equals_sampling_from_the_prompts(toy_models):
@@ -101,7 +101,7 @@ def test_the_attack_learns_on_the_sd_path(tiny_sd2):
     prompt = attack.template(models, ps)
     assert prompt == "a photo of <v*>"
     with pytest.raises(common.UsageError, match="names the concept"):
-        attack.check_init_word("chapel", ps, models)
+        attack.check_init_word("chapel", ps)
     args = attack.Args(run="x", steps=2, lr=1e-2, batch_size=2, n_images=2, init_word="shape")
     x0 = torch.randn(2, 4, 8, 8)
     placeholder, final_loss = attack.learn_embedding(args, models, models.unet.requires_grad_(False), x0, prompt, "test")

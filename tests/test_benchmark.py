@@ -12,6 +12,7 @@ from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import compare_toy  # noqa: E402
+import eval as evaluation  # noqa: E402
 
 
 @pytest.mark.parametrize("df,t", [(1, 12.706), (2, 4.303), (3, 3.182), (5, 2.571), (9, 2.262), (29, 2.045), (89, 1.987)])
@@ -51,17 +52,17 @@ def test_figures_are_in_points_and_the_worst_value_drop_uses_that_values_base():
 
 
 def test_report_only_rebuilds_the_committed_docs_byte_for_byte(tmp_path):
-    """The committed docs/results.md, docs/claims.md and docs/tradeoff.png are what --report-only
+    """The committed docs/results/results.md, claims.md and tradeoff.png are what --report-only
     writes from the committed records."""
     r = subprocess.run([sys.executable, "benchmarks/compare_toy.py", "--report-only", "--docs", str(tmp_path)],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     for name in ("results.md", "claims.md", "tradeoff.png"):
-        assert (tmp_path / name).read_bytes() == (ROOT / "docs" / name).read_bytes(), name
+        assert (tmp_path / name).read_bytes() == (ROOT / "docs" / "results" / name).read_bytes(), name
 
 
 def test_every_record_names_its_command_commit_and_arguments():
-    names = ["base", *compare_toy.METHODS, *compare_toy.VARIANTS]  # the runs' folders (not sd_memory/, attack/)
+    names = ["base", *evaluation.METHODS, *compare_toy.VARIANTS]  # the runs' folders (not sd_memory/, attack/)
     paths = sorted(p for name in names for p in (compare_toy.RECORDS / name).glob("*.json"))
     assert len(paths) >= 180 + 30  # the six methods' 180 runs and the base evaluations, at least
     for path in paths:
@@ -77,6 +78,8 @@ def test_every_attack_record_names_its_budget_and_the_attack_brings_each_concept
     assert recs
     for rec in recs:
         assert rec["commit"] and rec["n_eval_images"] == 64 and rec["command"]
+        seeds = attack.eval_seeds(rec["seed"], 64)
+        assert rec["eval_seeds"] == [seeds[0], seeds[-1]]  # judged on the seeds the protocol gives today
         assert {k: rec["budget"][k] for k in ("steps", "lr", "batch_size", "n_images", "init_word")} == \
             {k: attack.TOY_DEFAULTS[k] for k in ("steps", "lr", "batch_size", "n_images", "init_word")}
     controls = [r for r in recs if r["method"] == "base"]
@@ -101,9 +104,10 @@ def test_every_benchmark_record_ran_what_its_command_line_gives_today():
     from toy import world
     not_compared = {"output_dir", "overwrite", "n_eval_images", "device"}  # where and whether to evaluate
     newer = {"t_min": 0, "sample_batch_size": None, "save_half": False}   # added later; these defaults ran before
-    for name in [*compare_toy.METHODS, *compare_toy.VARIANTS]:
+    for name in [*evaluation.METHODS, *compare_toy.VARIANTS]:
         method, extra = compare_toy.VARIANTS.get(name, (name, []))
-        module = importlib.import_module(compare_toy.METHODS[method][0].removesuffix(".py").replace("/", "."))
+        script = evaluation.METHODS[method]["script"]
+        module = importlib.import_module(script.removesuffix(".py").replace("/", "."))
         for path in sorted((compare_toy.RECORDS / name).glob("*.json")):
             rec = json.loads(path.read_text())
             now = vars(module.parse_args(["--model", "toy", "--concept", rec["concept"], "--seed", str(rec["seed"]),
@@ -123,7 +127,7 @@ def test_every_benchmark_record_ran_what_its_command_line_gives_today():
 def test_every_variant_is_a_command_line_its_method_accepts():
     import importlib
     for name, (method, extra) in compare_toy.VARIANTS.items():
-        script = compare_toy.METHODS[method][0]
+        script = evaluation.METHODS[method]["script"]
         module = importlib.import_module(script.removesuffix(".py").replace("/", "."))
         args = module.parse_args(["--model", "toy", "--concept", "circle", *extra])
         assert args.concept == "circle", name

@@ -77,6 +77,34 @@ def test_compare_on_two_tiny_saved_runs_writes_the_table_and_the_grid(tmp_path):
     assert r2.returncode == 2 and "is not a finished run" in r2.stderr and "Traceback" not in r2.stderr
 
 
+def test_the_evaluation_seeds_are_those_the_records_were_made_with_and_no_two_images_share_one(toy_models):
+    ps = common.concept_prompts("circle", toy_models)
+    es = ev.eval_set(ps, 64, 1)
+    assert [es.seeds[g][:2] for g in es.groups] == [[1_500_000, 1_500_001], [1_510_000, 1_510_001],
+                                                    [1_520_000, 1_520_001], [1_530_000, 1_530_001]]
+    # the benchmark's noise floor: the same prompts, each seed 250_000 further
+    floor = ev.eval_set(ps, 64, 1, "noise_floor")
+    assert floor.groups == es.groups and all(f == s + 250_000 for g in es.groups
+                                             for f, s in zip(floor.seeds[g], es.seeds[g]))
+    # 3 evaluation seeds x 3 blocks x 4 groups x 64 images: all distinct, and above every training
+    # set's seeds at run seeds 0-2 (seed * 10_000 + less than 10_000, common.py)
+    seeds = [s for seed in range(3) for block in ev.EVAL_SEED_OFFSET for j in range(4)
+             for s in ev.eval_seeds(seed, block, 64, j)]
+    assert len(set(seeds)) == len(seeds) == 3 * 3 * 4 * 64 and min(seeds) >= 3 * 10_000
+
+
+def test_the_report_table_prints_fractions_as_percentages_and_missing_figures_as_dashes():
+    metrics = {"n_forget_images": 8, "seed": 1, "judge": "toy judge", "clip_model": "toy CLIP",
+               "base": {"ua": 0.0, "retain_in": 1.0, "clip_forget": 62.857},
+               "unlearned": {"ua": 0.91, "retain_in": 0.875, "fd_clip": 68.75, "kid_clip": float("nan")}}
+    lines = ev.format_table(metrics).splitlines()
+    assert lines[0] == ("| model | UA | synonym UA | retain (in) | worst in-domain value | retain (cross) | "
+                        "forget fidelity | degenerate | CLIP forget | CLIP retain | FD-CLIP | KID-CLIP |")
+    assert lines[1] == "|---" * 12 + "|"
+    assert lines[2] == "| base | 0.0% | - | 100.0% | - | - | - | - | 62.86 | - | - | - |"
+    assert lines[3] == "| unlearned | 91.0% | - | 87.5% | - | - | - | - | - | - | 68.75 | - |"
+
+
 def test_kernel_distance_is_unbiased_and_matches_a_loop():
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(7, 3, generator=g).double(), torch.randn(5, 3, generator=g).double() + 0.5

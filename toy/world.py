@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+import common
+
 SIZE = 32
 
 SHAPES = ["circle", "square", "triangle", "cross", "diamond", "ring"]
@@ -69,10 +71,9 @@ def all_words() -> list[str]:
             + TEXTURES + list(TEXTURE_SYNONYMS.values()))
 
 
-def caption(shape: str | None = None, colour: str | None = None, texture: str | None = None) -> str:
-    """'a striped red circle'; omitted attributes are left out, a missing shape reads 'shape'."""
-    words = [w for w in (texture, colour) if w] + [shape or "shape"]
-    return ("an " if words[0][0] in "aeiou" else "a ") + " ".join(words)
+# 'a striped red circle'; omitted attributes are left out, a missing shape reads 'shape'. The grammar
+# is written once, in common.py, where the methods' toy prompt sets are made from it too.
+caption = common.toy_caption
 
 
 @dataclass

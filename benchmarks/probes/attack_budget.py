@@ -32,9 +32,12 @@ def main():
     p.add_argument("--batch-size", type=int, default=attack.TOY_DEFAULTS["batch_size"], help="images per step")
     p.add_argument("--steps", type=int, default=attack.TOY_DEFAULTS["steps"], help="steps in all")
     p.add_argument("--every", type=int, default=50, help="judge every this many steps")
+    p.add_argument("--n-images", type=int, default=attack.TOY_DEFAULTS["n_images"],
+                   help="images the attack learns from, and images judged")
     p.add_argument("--seed", type=int, default=0, help="seed of the data, the steps and the images")
     a = p.parse_args()
-    args = attack.Args(run="", **{**attack.TOY_DEFAULTS, "lr": a.lr, "batch_size": a.batch_size, "seed": a.seed})
+    args = attack.Args(run="", **{**attack.TOY_DEFAULTS, "lr": a.lr, "batch_size": a.batch_size, "seed": a.seed,
+                                  "n_images": a.n_images, "n_eval_images": a.n_images})
     models = common.load_models("toy", torch.device("cpu"))
     models.unet.eval().requires_grad_(False)
     judge = evaluation.Judge(models)

@@ -37,11 +37,12 @@ def main():
     models, ps, _, _, clip, _ = rl_critic.setup(args)
     rolls = []
     for i in range(a.train_rollouts + 1):  # the last one is held out
-        roll = rl_critic.with_text(rl_critic.rollouts(args, models, ps, seed=10_000 + i), clip)
-        roll["raw"] = rl_critic.rewards(args, roll, ps, clip, None)
+        roll = rl_critic.rollouts(models, ps, args.samples_per_iteration, args.sample_steps, args.guidance_scale,
+                                  args.eta, seed=10_000 + i)
+        roll["text"] = clip.text_features(roll["prompts"])
+        roll["raw"] = rl_critic.rewards(args.reward, roll, ps, clip, None)
         for source in ("x_t", "x0_hat"):
-            args.critic_input = source
-            roll["h_" + source] = rl_critic.state_features(args, models, clip, roll)
+            roll["h_" + source] = rl_critic.state_features(models, clip, roll[source])
         rolls.append(roll)
         print(f"rollout {i + 1}/{a.train_rollouts + 1}", flush=True)
     # standardise like training: each group centred on its mean, pooled within-group std (train rollouts)

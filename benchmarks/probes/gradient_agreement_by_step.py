@@ -25,9 +25,11 @@ import rl_critic  # noqa: E402
 
 
 def batch_gradients(args, models, ps, clip, params, seed: int, step_sets: dict) -> dict:
-    roll = rl_critic.with_text(rl_critic.rollouts(args, models, ps, seed=seed), clip)
+    roll = rl_critic.rollouts(models, ps, args.samples_per_iteration, args.sample_steps, args.guidance_scale,
+                              args.eta, seed=seed)
+    roll["text"] = clip.text_features(roll["prompts"])
     f = roll["is_forget"]
-    raw = rl_critic.rewards(args, roll, ps, clip, None)[f]
+    raw = rl_critic.rewards(args.reward, roll, ps, clip, None)[f]
     adv = (raw - raw.mean()) / raw.std()
     idx = torch.nonzero(f).flatten()
     cond = common.encode_prompts(models, [roll["prompts"][i] for i in idx])

@@ -29,9 +29,12 @@ def main():
     p.add_argument("--prompts", nargs="*", default=["a cross", "a circle", "a diamond"], help="prompts to judge")
     p.add_argument("--lr", default="1e-4", help="Adam learning rate")
     p.add_argument("--n-retain", default="64", help="retain images")
+    p.add_argument("--n-forget", default="64", help="forget images (the saliency mask's)")
+    p.add_argument("--steps", default="200", help="training steps")
+    p.add_argument("--n-images", type=int, default=32, help="images judged per prompt (seeds 0 to n - 1)")
     a = p.parse_args()
     args = salun.parse_args(["--model", "toy", "--concept", a.concept, "--device", "cpu", "--lr", a.lr,
-                             "--n-retain", a.n_retain])
+                             "--n-retain", a.n_retain, "--n-forget", a.n_forget, "--steps", a.steps])
     models, ps, _, params = salun.setup(args)
     data = salun.make_data(args, models, ps)
     masks = salun.saliency_mask(args, models, params, data)
@@ -43,10 +46,10 @@ def main():
 
     salun.loss = one_term
     judge = evaluation.Judge(models)
-    before = {q: common.sample(models, [q] * 32, list(range(32))).images for q in a.prompts}
+    before = {q: common.sample(models, [q] * a.n_images, list(range(a.n_images))).images for q in a.prompts}
     salun.train(args, models, ps, params, masks, data)
     for q in a.prompts:
-        after = common.sample(models, [q] * 32, list(range(32))).images
+        after = common.sample(models, [q] * a.n_images, list(range(a.n_images))).images
         print(f"{q!r}: base {collections.Counter(judge(before[q], 'shape')).most_common(3)}, "
               f"after training {a.term} only {collections.Counter(judge(after, 'shape')).most_common(3)}")
 
