@@ -55,7 +55,7 @@ class Args:
 
 
 # The budget. Toy: chosen so that the attack recovers every shape and texture from the base model
-# (docs/attack.md). SD: the textual-inversion recipe scaled down; untested on SD (no GPU run yet).
+# (docs/methods/attack.md). SD: the textual-inversion recipe scaled down; untested on SD (no GPU run yet).
 TOY_DEFAULTS = dict(steps=150, lr=1e-2, batch_size=16, n_images=64, n_eval_images=64, init_word="shape")
 SD_DEFAULTS = dict(steps=1000, lr=5e-3, batch_size=1, n_images=20, n_eval_images=20, init_word="object")
 PLACEHOLDER = "<v*>"

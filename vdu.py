@@ -89,8 +89,7 @@ class Args:
 # Where the toy and Stable Diffusion defaults differ. Evidence: docs/methods/vdu.md, "Defaults".
 SD_DEFAULTS = dict(precision_from="fisher", gamma=0.95, ascent_bound=0.0, steps=200, lr=1e-5, n_forget=100,
                    batch_size=4)
-# The toy's gamma was 0.5 (tuned on circle at seed 0) until 2026-12-02, when the search over 10 concepts x
-# 3 seeds picked 0.35 by its stated rule (benchmarks/probes/vdu_search.py, docs/vdu_search_10_concepts.md).
+# Toy gamma: a search over 10 concepts x 3 seeds, by a rule fixed before the runs (docs/lab/).
 TOY_DEFAULTS = dict(precision_from="fisher", gamma=0.35, ascent_bound=3.0, steps=200, lr=5e-4, n_forget=64,
                     batch_size=16)
 

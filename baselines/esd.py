@@ -67,7 +67,7 @@ class Args:
 
 # Where the toy and Stable Diffusion defaults differ. SD: the paper's and the public code's
 # (1000 iterations of one prompt, lr 1e-5, 50 DDIM steps). Toy: a search over 10 concepts,
-# docs/methods/esd.md "Defaults" and docs/esd_search.md.
+# docs/methods/esd.md "Defaults" and its search in docs/lab/.
 SD_DEFAULTS = dict(steps=1000, lr=1e-5, sample_steps=50, batch_size=1)
 TOY_DEFAULTS = dict(steps=150, sample_steps=20, batch_size=8)
 # On the toy the learning rate that forgets without wrecking the neighbours differs tenfold

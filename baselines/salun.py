@@ -74,7 +74,7 @@ class Args:
 
 # Where the toy and Stable Diffusion defaults differ. SD: the paper's and the public code's
 # (5 epochs at batch 8, lr 1e-5, alpha 0.5; 5 epochs of 64 images = 40 steps). Toy: a search over
-# 10 concepts, docs/methods/salun.md "Defaults" and docs/salun_search.md.
+# 10 concepts, docs/methods/salun.md "Defaults" and its search in docs/lab/.
 SD_DEFAULTS = dict(steps=40, lr=1e-5, alpha=0.5, n_forget=64, n_retain=64, batch_size=8)
 TOY_DEFAULTS = dict(steps=200, lr=3e-4, alpha=0.5, n_forget=64, n_retain=64, batch_size=16)
 
