@@ -4,7 +4,8 @@ The lesson first: a Stable Diffusion checkpoint (hub id, local folder, or the of
 loaded through one code path; DDIM sampling (deterministic, or stochastic as the RL method's
 policy); noising clean latents for denoising losses and choosing which UNet parameters train;
 the forget and retain prompt sets of a concept, from one concept table. Then the plumbing every
-method file needs: arguments from a dataclass, range checks, signals, and safe output folders.
+method file needs: seed and device, resolving and checking a model name, arguments from a
+dataclass, range checks, signals, and safe output folders.
 
 The method-specific math lives in the method files, where a reader looks for it.
 """
@@ -42,36 +43,8 @@ class UsageError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------
-# Models: seed, device and precision; a Stable Diffusion checkpoint through one code path
+# Models: a Stable Diffusion checkpoint (hub id, local folder or the toy) through one code path
 # ---------------------------------------------------------------------------------------------
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def seed_and_device(seed: int, device: str = "auto", mixed_precision: str = "no") -> tuple[torch.device, torch.dtype]:
-    """Seed everything and return (device, dtype for autocast and frozen weights)."""
-    seed_everything(seed)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but this machine has no CUDA GPU; "
-                         "use --device cpu (or auto).")
-    if device not in ("cpu",) and not device.startswith("cuda"):
-        raise UsageError(f"unknown --device {device!r}: use auto, cpu or cuda.")
-    dev = torch.device(device)
-    dtypes = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if mixed_precision not in dtypes:
-        raise UsageError(f"unknown --mixed-precision {mixed_precision!r}: use no, fp16 or bf16.")
-    if mixed_precision == "fp16" and dev.type == "cpu":
-        raise UsageError("--mixed-precision fp16 needs a CUDA GPU; on the CPU use bf16 or no.")
-    if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    return dev, dtypes[mixed_precision]
-
 
 def autocast(device: torch.device, dtype: torch.dtype):
     """Mixed-precision context for the forward passes (a no-op in full precision)."""
@@ -101,23 +74,6 @@ class Models:
     @property
     def is_toy(self) -> bool:
         return self.toy is not None
-
-
-def resolve_model(model: str) -> tuple[str, dict | None]:
-    """'toy' -> the shipped toy pipeline folder (+ its toy.json); else the folder or hub id."""
-    if model == "toy":
-        folder = TOY_DIR / "pipeline"
-        if not (folder / "model_index.json").exists():
-            raise UsageError(f"the toy model is missing from {folder}; rebuild it with `python -m toy.build`.")
-        return str(folder), json.loads((TOY_DIR / "toy.json").read_text())
-    folder = Path(model)
-    if folder.exists():
-        if not (folder / "model_index.json").exists() and not (folder / "unet").exists():
-            raise UsageError(f"{model} is a folder but not a diffusers Stable Diffusion folder "
-                             "(no model_index.json).")
-        toy_json = folder.parent / "toy.json"  # a copy of the toy keeps its vocabulary
-        return str(folder), (json.loads(toy_json.read_text()) if toy_json.exists() else None)
-    return model, None
 
 
 def load_models(model: str, device: torch.device, dtype: torch.dtype = torch.float32,
@@ -158,43 +114,6 @@ def load_models(model: str, device: torch.device, dtype: torch.dtype = torch.flo
         models.sample_steps = toy["recommended"]["num_inference_steps"]
         models.guidance_scale = toy["recommended"]["guidance_scale"]
     return models
-
-
-# What the UNet may be trained to output: the noise eps (SD v1.x, SD 2.x-base) or the velocity
-# v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (SD 2.x at 768 px). Every loss here is written in
-# the model's own output space; for v, a difference of eps predictions at timestep t is
-# sqrt(abar_t) times the difference of v predictions, so each loss is the same objective under
-# another weighting over t.
-PREDICTION_TYPES = ("epsilon", "v_prediction")
-# Scheduler settings that change the DDIM step in ways common.ddim_step does not implement: a
-# model that sets one is refused rather than sampled differently from diffusers.
-UNSUPPORTED_SCHEDULER = {"clip_sample": False, "thresholding": False, "rescale_betas_zero_snr": False}
-
-
-def check_scheduler(scheduler, model: str) -> None:
-    """Refuse, in one sentence, a prediction type or scheduler setting the DDIM step here does
-    not handle (it would otherwise sample something other than diffusers' pipeline does)."""
-    kind = scheduler.config.prediction_type
-    if kind not in PREDICTION_TYPES:
-        raise UsageError(f"{model} predicts {kind!r}; these methods handle {' and '.join(PREDICTION_TYPES)} "
-                         "models (SD v1.x and 2.x).")
-    for key, handled in UNSUPPORTED_SCHEDULER.items():
-        if scheduler.config.get(key, handled) != handled:
-            raise UsageError(f"{model}'s scheduler sets {key}={scheduler.config.get(key)}, which the DDIM step "
-                             f"here does not implement; set it to {handled} in its scheduler config to use it.")
-
-
-def load_unet(path: str | Path, device: torch.device | str = "cpu"):
-    """A UNet alone: a UNet folder, a pipeline folder (its unet/), or a hub id with a unet/."""
-    from diffusers import UNet2DConditionModel
-    path = Path(path)
-    sub = "unet" if (path / "unet").exists() or not path.exists() else None
-    try:
-        unet = UNet2DConditionModel.from_pretrained(str(path), subfolder=sub, use_safetensors=True,
-                                                    torch_dtype=torch.float32)
-    except OSError:
-        raise UsageError(f"could not load a UNet from {str(path)!r} (not a UNet folder, or offline).") from None
-    return unet.to(device).eval()
 
 
 def frozen_copy(unet: torch.nn.Module) -> torch.nn.Module:
@@ -619,8 +538,91 @@ def retain_set(models: Models, ps: PromptSet, n: int, seed: int):
 
 
 # ---------------------------------------------------------------------------------------------
-# Plumbing: the command line, range checks, signals, output folders
+# Plumbing: seed and device, resolving and checking a model, the command line, range checks,
+# signals, output folders
 # ---------------------------------------------------------------------------------------------
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def seed_and_device(seed: int, device: str = "auto", mixed_precision: str = "no") -> tuple[torch.device, torch.dtype]:
+    """Seed everything and return (device, dtype for autocast and frozen weights)."""
+    seed_everything(seed)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but this machine has no CUDA GPU; "
+                         "use --device cpu (or auto).")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise UsageError(f"unknown --device {device!r}: use auto, cpu or cuda.")
+    dev = torch.device(device)
+    dtypes = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if mixed_precision not in dtypes:
+        raise UsageError(f"unknown --mixed-precision {mixed_precision!r}: use no, fp16 or bf16.")
+    if mixed_precision == "fp16" and dev.type == "cpu":
+        raise UsageError("--mixed-precision fp16 needs a CUDA GPU; on the CPU use bf16 or no.")
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return dev, dtypes[mixed_precision]
+
+
+def resolve_model(model: str) -> tuple[str, dict | None]:
+    """'toy' -> the shipped toy pipeline folder (+ its toy.json); else the folder or hub id."""
+    if model == "toy":
+        folder = TOY_DIR / "pipeline"
+        if not (folder / "model_index.json").exists():
+            raise UsageError(f"the toy model is missing from {folder}; rebuild it with `python -m toy.build`.")
+        return str(folder), json.loads((TOY_DIR / "toy.json").read_text())
+    folder = Path(model)
+    if folder.exists():
+        if not (folder / "model_index.json").exists() and not (folder / "unet").exists():
+            raise UsageError(f"{model} is a folder but not a diffusers Stable Diffusion folder "
+                             "(no model_index.json).")
+        toy_json = folder.parent / "toy.json"  # a copy of the toy keeps its vocabulary
+        return str(folder), (json.loads(toy_json.read_text()) if toy_json.exists() else None)
+    return model, None
+
+
+# What the UNet may be trained to output: the noise eps (SD v1.x, SD 2.x-base) or the velocity
+# v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (SD 2.x at 768 px). Every loss here is written in
+# the model's own output space; for v, a difference of eps predictions at timestep t is
+# sqrt(abar_t) times the difference of v predictions, so each loss is the same objective under
+# another weighting over t.
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+# Scheduler settings that change the DDIM step in ways common.ddim_step does not implement: a
+# model that sets one is refused rather than sampled differently from diffusers.
+UNSUPPORTED_SCHEDULER = {"clip_sample": False, "thresholding": False, "rescale_betas_zero_snr": False}
+
+
+def check_scheduler(scheduler, model: str) -> None:
+    """Refuse, in one sentence, a prediction type or scheduler setting the DDIM step here does
+    not handle (it would otherwise sample something other than diffusers' pipeline does)."""
+    kind = scheduler.config.prediction_type
+    if kind not in PREDICTION_TYPES:
+        raise UsageError(f"{model} predicts {kind!r}; these methods handle {' and '.join(PREDICTION_TYPES)} "
+                         "models (SD v1.x and 2.x).")
+    for key, handled in UNSUPPORTED_SCHEDULER.items():
+        if scheduler.config.get(key, handled) != handled:
+            raise UsageError(f"{model}'s scheduler sets {key}={scheduler.config.get(key)}, which the DDIM step "
+                             f"here does not implement; set it to {handled} in its scheduler config to use it.")
+
+
+def load_unet(path: str | Path, device: torch.device | str = "cpu"):
+    """A UNet alone: a UNet folder, a pipeline folder (its unet/), or a hub id with a unet/."""
+    from diffusers import UNet2DConditionModel
+    path = Path(path)
+    sub = "unet" if (path / "unet").exists() or not path.exists() else None
+    try:
+        unet = UNet2DConditionModel.from_pretrained(str(path), subfolder=sub, use_safetensors=True,
+                                                    torch_dtype=torch.float32)
+    except OSError:
+        raise UsageError(f"could not load a UNet from {str(path)!r} (not a UNet folder, or offline).") from None
+    return unet.to(device).eval()
+
 
 def arg(default, help: str, check: str | None = None, **kwargs):
     """A dataclass field with a help string, an optional range `check` for numbers (a key of
