@@ -236,7 +236,8 @@ class Samples:
 @torch.no_grad()
 def sample(models: Models, prompts: list[str], seeds: list[int], unet=None, steps: int | None = None,
            guidance_scale: float | None = None, eta: float = 0.0, batch_size: int | None = None,
-           decode: bool = True, progress: bool = False, text_states: torch.Tensor | None = None) -> Samples:
+           decode: bool = True, progress: bool = False, text_states: torch.Tensor | None = None,
+           on_step=None) -> Samples:
     """DDIM sampling with classifier-free guidance, one seed per image.
 
     `text_states` (n, tokens, dim), if given, are the prompts' text states, used instead of encoding
@@ -244,7 +245,8 @@ def sample(models: Models, prompts: list[str], seeds: list[int], unet=None, step
 
     With eta = 0 the images equal diffusers' StableDiffusionPipeline with a DDIMScheduler and
     `generator=[torch.Generator().manual_seed(s) for s in seeds]` (tested). With eta > 0 every
-    step draws x_{t-1} ~ N(mu, sigma_t^2 I) (rl_critic.py records these steps as trajectories).
+    step draws x_{t-1} ~ N(mu, sigma_t^2 I). `on_step(t, x_t, x_prev, output, log_prob)`, if given,
+    sees every step of every batch (rl_critic.py records them as trajectories).
     """
     unet = unet or models.unet
     steps = steps or models.sample_steps
@@ -266,7 +268,10 @@ def sample(models: Models, prompts: list[str], seeds: list[int], unet=None, step
         for t in timesteps:
             with autocast(models.device, models.dtype):
                 pred = guided_eps(unet, x, t, cond, uncond, w).float()  # eps, or v (v-prediction)
-            x = ddim_step(sched, pred, t, x, eta, gens)[0]
+            x_prev, log_prob, _, _ = ddim_step(sched, pred, t, x, eta, gens)
+            if on_step:
+                on_step(t, x, x_prev, pred, log_prob)
+            x = x_prev
         latents.append(x.cpu())
         if decode:
             images.append(decode_latents(models, x).cpu())

@@ -146,39 +146,25 @@ def setup(args: Args):
 
 # --- Rollouts ---
 
-@torch.no_grad()
 def sample_trajectories(models: common.Models, prompts: list[str], seeds: list[int], steps: int,
                         guidance_scale: float, eta: float) -> dict:
-    """common.sample's DDIM loop (eta > 0: every step draws x_{t-1} ~ pi(. | s_t)), recording
-    each step: x_t (n, T, 4, h, w) the states, x_prev (n, T, 4, h, w) the actions, x0_hat the
-    predicted clean latent at each state, log_probs (n, T) log pi(x_{t-1} | s_t) under the
-    policy that sampled it (the behaviour policy PPO's ratio divides by), timesteps (T,) and
-    the decoded final images (n, 3, H, W)."""
-    sched = models.scheduler
-    sched.set_timesteps(steps)
-    timesteps = sched.timesteps.tolist()
-    unet = models.unet
-    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    out = {k: [] for k in ("images", "x_t", "x_prev", "x0_hat", "log_probs")}
-    for i in range(0, len(prompts), models.sample_batch_size):
-        p, s = prompts[i:i + models.sample_batch_size], seeds[i:i + models.sample_batch_size]
-        gens = [torch.Generator().manual_seed(int(x)) for x in s]
-        cond, uncond = common.encode_prompts(models, p), common.encode_prompts(models, [""] * len(p))
-        x = torch.cat([torch.randn((1, *shape), generator=g) for g in gens]).to(models.device)
-        x = x * sched.init_noise_sigma
-        steps_taken = {k: [] for k in ("x_t", "x_prev", "x0_hat", "log_probs")}
-        for t in timesteps:
-            with common.autocast(models.device, models.dtype):
-                pred = common.guided_eps(unet, x, t, cond, uncond, guidance_scale).float()
-            x_prev, log_prob, _, _ = common.ddim_step(sched, pred, t, x, eta, gens)
-            steps_taken["x_t"].append(x.cpu()), steps_taken["x_prev"].append(x_prev.cpu())
-            steps_taken["log_probs"].append(log_prob.cpu())
-            steps_taken["x0_hat"].append(common.predicted_x0(sched, pred, t, x).cpu())
-            x = x_prev
-        out["images"].append(common.decode_latents(models, x).cpu())
-        for k, v in steps_taken.items():
-            out[k].append(torch.stack(v, 1))
-    return {**{k: torch.cat(v) for k, v in out.items()}, "timesteps": torch.tensor(timesteps)}
+    """common.sample with eta > 0 (every step draws x_{t-1} ~ pi(. | s_t)), recording each step:
+    x_t (n, T, 4, h, w) the states, x_prev (n, T, 4, h, w) the actions, x0_hat the predicted clean
+    latent at each state, log_probs (n, T) log pi(x_{t-1} | s_t) under the policy that sampled it
+    (the behaviour policy PPO's ratio divides by), timesteps (T,) and the final images."""
+    record = {k: [] for k in ("x_t", "x_prev", "x0_hat", "log_probs")}
+
+    def on_step(t, x_t, x_prev, output, log_prob):
+        record["x_t"].append(x_t.cpu()), record["x_prev"].append(x_prev.cpu())
+        record["log_probs"].append(log_prob.cpu())
+        record["x0_hat"].append(common.predicted_x0(models.scheduler, output, t, x_t).cpu())
+
+    images = common.sample(models, prompts, seeds, steps=steps, guidance_scale=guidance_scale, eta=eta,
+                           on_step=on_step).images
+    timesteps = models.scheduler.timesteps.clone()
+    T = len(timesteps)  # steps arrive batch by batch: T of the first batch, then T of the next...
+    out = {k: torch.cat([torch.stack(v[i:i + T], 1) for i in range(0, len(v), T)]) for k, v in record.items()}
+    return {**out, "images": images, "timesteps": timesteps}
 
 
 def rollouts(models: common.Models, ps: common.PromptSet, n: int, steps: int, guidance_scale: float,

@@ -52,6 +52,17 @@ def test_stored_trajectories_rescore_to_their_own_log_probs_under_the_same_polic
     assert torch.allclose(common.decode_latents(toy_models, s["x_prev"][:, -1]), s["images"])
 
 
+def test_trajectories_recorded_batch_by_batch_are_the_trajectories_of_one_batch(toy_models):
+    import dataclasses
+    prompts, seeds = ["a circle", "a ring", "a red square"], [3, 4, 5]
+    one = rl_critic.sample_trajectories(toy_models, prompts, seeds, 3, 1.0, eta=1.0)
+    small = dataclasses.replace(toy_models, sample_batch_size=2)  # batches of 2, then 1
+    two = rl_critic.sample_trajectories(small, prompts, seeds, 3, 1.0, eta=1.0)
+    assert one["x_t"].shape == (3, 3, 4, 8, 8) and one["log_probs"].shape == (3, 3)
+    for k in ("x_t", "x_prev", "x0_hat", "log_probs", "images"):
+        assert torch.allclose(one[k], two[k], atol=1e-5), k
+
+
 def test_ppo_trains_only_the_noisiest_share_of_each_trajectory(toy_models):
     import dataclasses
     models = dataclasses.replace(toy_models, unet=common.frozen_copy(toy_models.unet).requires_grad_(False))
