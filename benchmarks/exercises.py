@@ -94,7 +94,7 @@ the unconditional samples.""",
 (the run stops with "the forget loss A ran away") or forgets nothing. Plot A over the steps from
 the progress bar (the table gives its first and last value) and explain why a quadratic anchor
 cannot stop an unbounded ascent. Then put the bound back (`--ascent-bound 3`), switch the
-precision source, and compare with [vdu_search.md](vdu_search.md).""",
+precision source, and compare with [lab/searches/vdu.md](lab/searches/vdu.md).""",
         runs=[(f"gamma{g}", f"gamma {g}", toy("vdu.py", "circle", "--precision-from", "checkpoints",
                                               "--ascent-bound", "0", "--steps", "100", "--gamma", g))
               for g in ("0.5", "0.95", "0.97", "0.99")],
@@ -107,7 +107,7 @@ reward minus the critic's value: unbiased, noisier). Compare UA after the same i
 share of PPO ratios that leave the clip range (printed in the progress bar as `clipped`; the table
 gives its mean over the iterations), and rerun both with `--seed 1` before believing a gap: is
 the gap between the lambdas larger than the one between the seeds, or than those between
-near-identical settings in [cgru_search.md](cgru_search.md)? The default, 0.95, is the
+near-identical settings in [lab/searches/rl_critic.md](lab/searches/rl_critic.md)? The default, 0.95, is the
 benchmark's run. How much the critic knows is exercise 6's question: lambda 0 trusts it fully,
 lambda 1 ignores it. If most ratios leave the clip range, work out which samples still give a
 gradient (hint: the min picks the unclipped term when the ratio moved against the advantage).""",

@@ -1,5 +1,5 @@
 """Estimate each method's GPU memory on Stable Diffusion v1.4 without a GPU or the hub (reproduces
-docs/sd_memory.md).
+docs/lab/sd_memory.md).
 
     python benchmarks/sd_memory.py build [--out /tmp/sdmem/sd14]
     python benchmarks/sd_memory.py run pure --sample-steps 1 --json out.json -- \\
@@ -34,7 +34,7 @@ a GPU run keeps in host memory (rl_critic's stored trajectories, decoded images)
 copy) and reports what it adds: for --train full, whose whole-method runs (UNet + reference +
 gradients + Adam state: over 20 GiB before any activation) do not fit this machine's memory.
 
-Results and how they extrapolate to SD's defaults: docs/sd_memory.md.
+Results and how they extrapolate to SD's defaults: docs/lab/sd_memory.md.
 """
 
 from __future__ import annotations

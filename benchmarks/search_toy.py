@@ -2,7 +2,7 @@
 defaults of every method and baseline are chosen (never on one concept or one seed).
 
     python benchmarks/search_toy.py esd --grid lr=1e-5,3e-5,1e-4 steps=150 \\
-        --concepts circle square striped dotted --seeds 0 --records docs/search/esd.jsonl
+        --concepts circle square striped dotted --seeds 0 --records docs/lab/searches/esd.jsonl
 
 Every (setting, concept, seed) run is `python <method script> --model toy --concept <c> --seed <s>
 <setting>`; its metrics are appended as one JSON line to --records (the weights are deleted), so

@@ -43,7 +43,8 @@ def test_the_bar_the_readme_states_is_the_table_the_tests_and_the_benchmark_use(
 
 def test_the_readme_is_a_ten_minute_read_and_points_nowhere_outside_the_repository():
     text = (ROOT / "README.md").read_text()
-    assert len(text.splitlines()) <= 250
+    assert len(text.split()) <= 1800, len(text.split())  # words, as `wc -w` counts them
+    assert max(len(line) for line in text.splitlines()) <= 100
     import re
     for link in re.findall(r"\]\(([^)#]+)", text):
         if not link.startswith("http"):
@@ -51,9 +52,10 @@ def test_the_readme_is_a_ten_minute_read_and_points_nowhere_outside_the_reposito
 
 
 def readme_memory_recipes() -> dict[str, list[str]]:
-    """The README's Stable Diffusion lines tagged with a card size: {"16": flags, "24": flags}."""
+    """The README's Stable Diffusion lines tagged with a card size: {"16": flags, "24": flags}
+    (a line continued with a backslash is one command)."""
     import re
-    bash = "\n".join(readme_blocks("bash"))
+    bash = "\n".join(readme_blocks("bash")).replace("\\\n", " ")
     return {m["card"]: m["flags"].split() for m in re.finditer(
         r"^python pure\.py --concept church (?P<flags>[^#\n]*?)\s+# (?P<card>\d+) GB", bash, re.M)}
 
@@ -80,7 +82,7 @@ def test_the_memory_recipes_parse_for_every_method_and_are_the_flags_that_were_m
         for card, flags in recipes.items():
             recipe = mod.parse_args(["--concept", "church", *recipe_for(method, card, flags)])  # nothing loads
             path = ROOT / "benchmarks" / "records" / "sd_memory" / f"{card}gb-{method}.json"
-            if not path.exists():  # 24 GB: composed from measured parts, not run (docs/sd_memory.md)
+            if not path.exists():  # 24 GB: composed from measured parts, not run (docs/lab/sd_memory.md)
                 assert card == "24" and method in ("pure", "esd", "salun"), path
                 continue
             # measured with the recipe's flags, bf16 standing in for fp16 on the CPU (two bytes

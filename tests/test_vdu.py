@@ -61,7 +61,7 @@ def test_unbounded_ascent_runs_away_on_the_toy_and_the_divergence_stop_saves_not
 
 @pytest.mark.slow(86)
 def test_vdu_defaults_push_circle_out_and_keep_most_of_the_other_shapes(tmp_path):
-    # The toy default (gamma 0.35) was chosen over 10 concepts x 3 seeds (docs/vdu_search_10_concepts.md);
+    # The toy default (gamma 0.35) was chosen over 10 concepts x 3 seeds (docs/lab/searches/vdu_10_concepts.md);
     # this asserts what holds at every seed. Benchmark records, circle, seeds 0, 1, 2: UA 89, 53, 86%
     # (base 0-3%), in-domain retain drop 9.4, 4.7, 18.8 points. On most other concepts VDU forgets
     # less: this is not a claim that it meets its bar.

@@ -6,7 +6,7 @@ judges "a <v*>" (64 images, attack.py's evaluation seeds) every --every steps.
     python benchmarks/probes/attack_budget.py --lr 3e-3 --steps 300 --concepts circle dotted
 
 Measured 2026-12-01 (lr 1e-2, batch 16, 64 images, init "shape", seed 0): at least 91% of the
-images show the concept after 50, 100 and 150 steps on every shape and texture (docs/attack.md).
+images show the concept after 50, 100 and 150 steps on every shape and texture (docs/methods/attack.md).
 """
 
 import argparse

@@ -7,7 +7,7 @@ plain prompts (32 images each, seeds 0-31).
     python benchmarks/probes/salun_retain_drift.py --term forget              # L_forget only
 
 Measured 2026-12-01 (circle's mask, lr 1e-4, 200 steps): with L_retain alone, "a cross" gives 30
-rings out of 32 (the base: 31 crosses); docs/salun_search.md.
+rings out of 32 (the base: 31 crosses); docs/lab/searches/salun.md.
 """
 
 import argparse

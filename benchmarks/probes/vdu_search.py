@@ -5,7 +5,7 @@ entirely on how hard it pushes: the stability weight gamma, the per-sample ascen
 number of steps and where the precision comes from. A setting tuned on circle at seed 0 met the bar
 on circle and on no other concept. This probe runs each candidate setting through the benchmark's
 own machinery (compare_toy.run_method: same prompts, evaluation seeds, base evaluations and
-figures) and writes docs/vdu_search_10_concepts.md and its trade-off figure from the records.
+figures) and writes docs/lab/searches/vdu_10_concepts.md and its trade-off figure from the records.
 
     python benchmarks/probes/vdu_search.py                           # screen: every candidate, seed 0
     python benchmarks/probes/vdu_search.py --candidates b10 --seeds 1 2     # confirm one on 3 seeds
@@ -50,7 +50,7 @@ CANDIDATES = {
     # C_t on the noisier half only: push where a sample's content is decided
     "t500": ("vdu_search/t500", [*OLD, "--t-min", "500"]),
 }
-DOC = ROOT / "docs" / "vdu_search_10_concepts.md"
+DOC = ROOT / "docs" / "lab" / "searches" / "vdu_10_concepts.md"
 
 
 def register() -> None:
@@ -109,15 +109,30 @@ def fmt_interval(iv: tuple[float, float, float]) -> str:
 def write_doc(all_recs: dict) -> None:
     summaries = {k: summary(r) for k, r in all_recs.items()}
     best, reached = choose(summaries)
+    if best is None:
+        chosen = "nothing yet: no candidate has run on 10 concepts x 3 seeds."
+    else:
+        chosen = (f"**{best}**. " + ("It reaches the issue's bar (mean UA >= 90%, mean in-domain retain drop <= 10 "
+                  "points)." if reached else "No candidate reaches the issue's bar (mean UA >= 90% with mean "
+                  "in-domain retain drop <= 10 points): the table is the trade-off VDU offers on the toy.")
+                  + " The rule chose gamma 0.35 on 2026-12-02, and it became the default.")
     lines = ["# VDU on the toy: the default searched on 10 concepts and 3 seeds", "",
-             "Written by `python benchmarks/probes/vdu_search.py --report-only` from the records in "
-             "`benchmarks/records/` (vdu, vdu_3_snapshots and vdu_search/). Every run: "
-             "`python vdu.py --model toy --concept C --seed S <the candidate's arguments>`, evaluated by the "
-             "benchmark (64 images per group, the same prompts and seeds as every other method). The "
-             "candidates change one thing each from the default of 2026-11-23 (Fisher precision, gamma 0.5, "
-             "ascent bound 3, 200 steps, lr 5e-4; now the candidate g0.5), which was tuned on circle at seed 0 "
-             "(docs/vdu_search.md). The screen runs every candidate on the 10 concepts at seed 0; the best go on "
-             "to seeds 1 and 2. The rule below chose gamma 0.35 on 2026-12-02, and it became the default.",
+             "- **Question:** which setting of VDU forgets most on every toy concept and seed while keeping "
+             "the concept's neighbours?",
+             "- **Rule for choosing (fixed before the runs):** among the candidates with runs on all 10 concepts "
+             "at 3 seeds, the highest mean UA whose mean in-domain retain drop is at most 10 points; if none "
+             "keeps the drop that low, the most runs meeting the bar (ties: the smaller mean drop).",
+             "- **Grid:** the candidates below, each changing one thing from the default of 2026-11-23 "
+             "(Fisher precision, gamma 0.5, ascent bound 3, 200 steps, lr 5e-4; now the candidate g0.5), "
+             "which was tuned on circle at seed 0 ([vdu.md](vdu.md)).",
+             "- **Concepts and seeds:** the 10 toy concepts; the screen runs every candidate at seed 0, the best "
+             "go on to seeds 1 and 2. Every run: `python vdu.py --model toy --concept C --seed S <the "
+             "candidate's arguments>`, evaluated by the benchmark (64 images per group, the same prompts and "
+             "seeds as every other method).",
+             "- **Command:** `python benchmarks/probes/vdu_search.py` (runs what has no record yet); "
+             "`python benchmarks/probes/vdu_search.py --report-only` writes this file and its figure from the "
+             "records in `benchmarks/records/` (vdu, vdu_3_snapshots and vdu_search/): do not edit it by hand.",
+             "- **Chosen:** " + chosen,
              "", "Intervals: mean [95% t-interval over the runs]. Seed sd: the mean over concepts of UA's "
              "standard deviation across seeds.", "",
              "| candidate | arguments | runs | seeds | UA (%) | in-domain retain drop (pts) | worst in-domain value "
@@ -132,14 +147,7 @@ def write_doc(all_recs: dict) -> None:
                      + " | ".join(fmt_interval(s[k]) for k in ("ua", "drop", "worst", "cross"))
                      + f" | {bench.fmt(s['seed_sd']) if not math.isnan(s['seed_sd']) else '-'} | "
                      f"{s['meets']}/{s['runs']} | {bench.fmt(s['time'], 0)} |")
-    lines += ["", "![in-domain retain drop against UA, per candidate](vdu_search_10_concepts.png)", ""]
-    if best is None:
-        lines.append("No candidate has run on 10 concepts x 3 seeds yet: no choice is made.")
-    else:
-        lines.append(f"Chosen by the rule fixed before the runs (benchmarks/probes/vdu_search.py): **{best}**. "
-                     + ("It reaches the issue's bar (mean UA >= 90%, mean in-domain retain drop <= 10 points)."
-                        if reached else "No candidate reaches the issue's bar (mean UA >= 90% with mean "
-                        "in-domain retain drop <= 10 points): the table is the trade-off VDU offers on the toy."))
+    lines += ["", "![in-domain retain drop against UA, per candidate](vdu_10_concepts.png)"]
     lines += ["", "## Per concept, UA / in-domain retain drop (mean over the seeds run)", "",
               "| candidate | " + " | ".join(bench.CONCEPTS) + " |", "|---" * (len(bench.CONCEPTS) + 1) + "|"]
     for key, recs in all_recs.items():
