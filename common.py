@@ -23,6 +23,7 @@ import random
 import shutil
 import signal
 import sys
+import threading
 import time
 import types
 import typing
@@ -705,15 +706,24 @@ def check_ranges(args) -> None:
                 raise UsageError(f"{flag} must be {words}, got {value}.")
 
 
+# Set by SIGTERM. Python raises the signal's KeyboardInterrupt wherever the main thread happens to
+# be, and an exception raised inside a finalizer (`__del__`, a weakref callback) is only printed and
+# dropped; the flag makes sure such a run still saves nothing.
+STOP_REQUESTED = threading.Event()
+
+
 def cli(main) -> None:
     """Run `main()`, turning a UsageError into one clear line on stderr and exit code 2. Ctrl-C
     and SIGTERM (a timeout, a cluster's preemption) stop the run the same way: the temporary
     output folder is removed and nothing is saved."""
     def terminated(signum, frame):
+        STOP_REQUESTED.set()
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, terminated)
     try:
         main()
+        if STOP_REQUESTED.is_set():  # the signal's exception was swallowed (say, inside a __del__)
+            raise KeyboardInterrupt
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -809,6 +819,10 @@ def output_folder(path: str | Path, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if STOP_REQUESTED.is_set():
+        # a SIGTERM whose KeyboardInterrupt some library code swallowed: still save nothing
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise KeyboardInterrupt
     if path.exists():
         shutil.rmtree(path)
     tmp.rename(path)

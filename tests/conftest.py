@@ -21,8 +21,9 @@ torch.set_num_threads(1 if WORKER else max(1, min(2, os.cpu_count() or 1)))
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow(seconds): a long end-to-end test and its measured duration "
-                                       "(2 threads), so the suite can start the longest first")
+    config.addinivalue_line("markers", "slow(seconds): a test left out of the fast tier "
+                                       "(`pytest -m 'not slow'`), with its duration measured in one run of "
+                                       "the suite, so the full suite can start the longest first")
 
 
 def pytest_collection_modifyitems(items):

@@ -34,6 +34,7 @@ def test_attack_recovers_circle_from_the_base_model_and_only_reads_the_run(quick
     assert again.returncode == 2 and "--overwrite" in again.stderr
 
 
+@pytest.mark.slow(6)
 def test_a_folder_that_is_not_a_run_is_one_sentence(tmp_path):
     r = run_script("attack.py", "--run", tmp_path)
     assert r.returncode == 2 and "is not a saved run" in r.stderr and "Traceback" not in r.stderr
@@ -45,6 +46,7 @@ def fresh_toy():
     return common.load_models("toy", DEVICE)
 
 
+@pytest.mark.slow(16)
 def test_only_the_placeholder_embedding_learns(fresh_toy):
     models = fresh_toy
     encoder_before = {k: v.clone() for k, v in models.text_encoder.state_dict().items()}
@@ -65,6 +67,7 @@ def test_only_the_placeholder_embedding_learns(fresh_toy):
     assert all(p.grad is None for p in models.unet.parameters())
 
 
+@pytest.mark.slow(2)
 def test_the_learned_token_is_neither_the_concept_nor_its_synonym(fresh_toy):
     models = fresh_toy
     plain = common.encode_prompts(models, ["a circle"]).clone()

@@ -71,6 +71,7 @@ def test_esd_trains_cross_attention_for_styles_and_the_rest_for_objects_by_defau
         assert (id(p) in chosen) == ((".attn2." in name) == (expected == "xattn")), name
 
 
+@pytest.mark.slow(22)
 @pytest.mark.parametrize("train", ["xattn", "noxattn"])
 def test_esd_two_steps_on_a_tiny_sd_pipeline_change_only_what_train_selects_and_reload(tiny_sd, tmp_path, train):
     out = tmp_path / f"esd-{train}"
@@ -151,6 +152,7 @@ def test_salun_changes_only_masked_weights_and_its_random_label_has_no_gradient(
     assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, grads(False)))
 
 
+@pytest.mark.slow(31)
 def test_salun_two_steps_on_a_tiny_sd_pipeline_save_a_unet_that_reloads(tiny_sd, tmp_path):
     out = tmp_path / "salun"
     r = run_script("baselines/salun.py", "--model", str(tiny_sd), "--concept", "church", "--steps", "2",

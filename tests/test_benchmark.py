@@ -51,6 +51,7 @@ def test_figures_are_in_points_and_the_worst_value_drop_uses_that_values_base():
     assert f["worst_drop"] == pytest.approx(95 - 70)  # square: 0.95 in the base, 0.70 unlearned
 
 
+@pytest.mark.slow(7)
 def test_report_only_rebuilds_the_committed_docs_byte_for_byte(tmp_path):
     """The committed docs/results/results.md, claims.md and tradeoff.png are what --report-only
     writes from the committed records."""

@@ -132,6 +132,7 @@ def test_empty_concept_is_a_clear_error(toy_models):
         common.concept_prompts("  ", toy_models)
 
 
+@pytest.mark.slow(20)
 def test_unreachable_hub_model_offline_fails_with_one_sentence_naming_it(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     r = subprocess.run([sys.executable, "eval.py", "--model", "someone/not-a-cached-model",
@@ -272,6 +273,7 @@ def test_numbers_out_of_their_declared_range_are_one_sentence_errors():
         assert str(e.value) == message
 
 
+@pytest.mark.slow(12)
 def test_bad_numbers_on_a_method_command_line_exit_2_with_one_sentence():
     for argv, message in [(["--lr", "nan"], "error: --lr must be a finite number, got nan."),
                           (["--steps", "-5"], "error: --steps must be at least 1, got -5.")]:
@@ -323,4 +325,17 @@ def test_sigterm_stops_a_run_like_ctrl_c_and_leaves_nothing(tmp_path):
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 130 and "nothing was saved" in err and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_sigterm_whose_interrupt_was_swallowed_still_saves_nothing(tmp_path):
+    # Python raises SIGTERM's KeyboardInterrupt wherever the main thread is; inside a finalizer it is
+    # printed and dropped, and the run goes on to the end. The output folder must then not appear.
+    common.STOP_REQUESTED.set()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with common.output_folder(tmp_path / "run") as folder:
+                (folder / "metrics.json").write_text("{}")
+    finally:
+        common.STOP_REQUESTED.clear()
     assert list(tmp_path.iterdir()) == []

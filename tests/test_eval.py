@@ -16,6 +16,7 @@ from conftest import run_script
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow(33)
 def test_base_model_evaluation_on_the_toy_reproduces_the_toy_worlds_quality(toy_models):
     ps = common.concept_prompts("circle", toy_models)
     m = ev.report(toy_models, ps, n=32, seed=0)
@@ -40,6 +41,7 @@ def test_base_model_evaluation_on_the_toy_reproduces_the_toy_worlds_quality(toy_
     assert own > shuffled + 2
 
 
+@pytest.mark.slow(27)
 def test_eval_cli_prints_the_metrics_json_shape():
     r = subprocess.run([sys.executable, "eval.py", "--model", "toy", "--concept", "striped",
                         "--n-images", "8", "--json", "--device", "cpu"],

@@ -18,6 +18,7 @@ METHOD_RUNS = [(n, name, argv) for n, name, argv in RUNS if not exercises.is_pro
 PROBES = sorted({argv[0] for _, _, argv in RUNS if exercises.is_probe(argv)})
 
 
+@pytest.mark.slow(5)
 def test_list_prints_every_command_and_finds_every_edit_applicable():
     r = subprocess.run([sys.executable, "benchmarks/exercises.py", "--list"], cwd=ROOT, capture_output=True,
                        text=True, timeout=300)
@@ -52,6 +53,7 @@ def test_every_exercise_command_is_accepted_by_its_script(n, name, argv):
     assert (args.concept, args.seed) == (exercises.flag(argv, "--concept"), int(exercises.flag(argv, "--seed")))
 
 
+@pytest.mark.slow(6)
 @pytest.mark.parametrize("probe", PROBES)
 def test_every_probe_flag_the_exercises_use_is_in_its_help(probe):
     r = subprocess.run([sys.executable, probe, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -76,6 +76,7 @@ def stress():
     return table
 
 
+@pytest.mark.slow(18)
 @pytest.mark.parametrize("degradation", list(DEGRADATIONS))
 @pytest.mark.parametrize("which", ["judge", "judge2"])
 def test_shape_and_texture_heads_read_the_form_of_degraded_renders(stress, degradation, which):
@@ -83,6 +84,7 @@ def test_shape_and_texture_heads_read_the_form_of_degraded_renders(stress, degra
     assert acc["shape"] >= bar and acc["texture"] >= bar, acc
 
 
+@pytest.mark.slow(5)
 @pytest.mark.parametrize("which", ["judge", "judge2"])
 def test_the_colour_head_reads_clean_colours(stress, which):
     assert stress[("clean", which)]["colour"] >= 0.99

@@ -55,6 +55,7 @@ def test_the_empty_prompt_anchor_is_the_second_term_of_the_total(tiny_sd):
     assert torch.allclose(total, terms["L_mi"] + l_uncond, atol=1e-6)
 
 
+@pytest.mark.slow(26)
 def test_mim_mu_changes_only_attn2_and_the_mi_proxy_falls(tiny_sd, tmp_path):
     out = tmp_path / "run"
     r = run_script("mim_mu.py", "--model", str(tiny_sd), "--concept", "church",
@@ -65,6 +66,20 @@ def test_mim_mu_changes_only_attn2_and_the_mi_proxy_falls(tiny_sd, tmp_path):
     assert changed and all(".attn2." in n for n in changed)
     run = json.loads((out / "run.json").read_text())
     assert run["mi_proxy_end"] < 0.5 * run["mi_proxy_start"], run
+
+
+def test_twenty_epochs_of_mim_mu_already_forget_most_striped_images_and_keep_the_other_textures(tmp_path):
+    # The fast tier's end-to-end run: two thirds of the default 30 epochs, 32 images per group.
+    # Measured at seed 0 (one thread): UA 90.6% (base 0%), in-domain retain 96.9% (base 96.9%),
+    # cross-domain retain 93.8% (base 100%); at 15 epochs UA was 84%, at 8 epochs 16%.
+    out = tmp_path / "mim_mu-striped-short"
+    r = run_script("mim_mu.py", "--model", "toy", "--concept", "striped", "--seed", "0", "--epochs", "20",
+                   "--n-eval-images", "32", "--output-dir", str(out), timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    new, base = m["unlearned"], m["base"]
+    assert base["ua"] < 0.1 and new["ua"] >= 0.8, new
+    assert new["retain_in"] >= base["retain_in"] - 0.05 and new["retain_cross"] >= base["retain_cross"] - 0.1, new
 
 
 @pytest.mark.slow(56)

@@ -57,6 +57,7 @@ def test_exploration_by_guidance_prints_a_share_per_scale(probe, capsys):
     assert row[0] == "circle" and all(0 <= float(c.rstrip("%")) <= 100 for c in row[1:])
 
 
+@pytest.mark.slow(5)
 def test_attack_budget_learns_and_judges_with_attack_py(probe, capsys):
     # attack.Args, TOY_DEFAULTS, eval_seeds, template, make_data, learn_embedding, success_rate
     probe("attack_budget", "--concepts", "circle", "--steps", "2", "--every", "2", "--n-images", "4")
@@ -65,6 +66,7 @@ def test_attack_budget_learns_and_judges_with_attack_py(probe, capsys):
     assert out["nearest_words"][0][0] == "shape"  # two small steps leave v next to its init word
 
 
+@pytest.mark.slow(11)
 def test_salun_retain_drift_trains_salun_with_one_term(probe, capsys, monkeypatch):
     # salun.parse_args, setup, make_data, saliency_mask, loss (replaced by the probe), train
     sys.path.insert(0, str(ROOT / "baselines"))
@@ -78,6 +80,7 @@ def test_salun_retain_drift_trains_salun_with_one_term(probe, capsys, monkeypatc
     assert len(counts) >= 2 and sum(counts) == 2 * 2  # two images judged before and after
 
 
+@pytest.mark.slow(8)
 def test_judge_agreement_reports_the_same_agreement_for_the_same_weights(probe, toy_run, tmp_path):
     # eval.report on a saved run
     probe("judge_agreement", toy_run, "--n-images", "2", "--json", tmp_path / "agree.json")
@@ -86,6 +89,7 @@ def test_judge_agreement_reports_the_same_agreement_for_the_same_weights(probe, 
     assert agree["unlearned"] == agree["base"]  # the run's UNet is the base model's
 
 
+@pytest.mark.slow(17)
 def test_guidance_branch_damage_evaluates_the_four_branch_pairs(probe, toy_run, capsys):
     # eval.eval_set and eval.evaluate, with a UNet that mixes two UNets' guidance branches
     probe("guidance_branch_damage", "--run", toy_run, "--n", "2")
@@ -95,6 +99,7 @@ def test_guidance_branch_damage_evaluates_the_four_branch_pairs(probe, toy_run, 
     assert rows[0][2:] == rows[1][2:]  # the same weights through the same call: the same figures
 
 
+@pytest.mark.slow(31)
 def test_critic_input_ablation_fits_the_three_critics(probe, capsys):
     # rl_critic.parse_args, setup, rollouts, rewards, state_features, Critic, fit_critic, critic_inputs
     probe("critic_input_ablation", "--train-rollouts", "1", "--epochs", "1")
@@ -103,6 +108,7 @@ def test_critic_input_ablation_fits_the_three_critics(probe, capsys):
                                     "x0_hat + FiLM (--critic-input x0_hat)"]
 
 
+@pytest.mark.slow(7)
 def test_gradient_agreement_by_step_compares_two_batches(probe, capsys):
     # rl_critic.parse_args, setup, rollouts, rewards
     probe("gradient_agreement_by_step", "--trajectories", "2", "--batches", "2")

@@ -76,6 +76,7 @@ def test_the_total_is_the_phase_term_plus_lambda_kl_and_no_gradient_reaches_the_
     assert torch.allclose(total, terms["L_repair"] + 10.0 * terms["L_KL"])
 
 
+@pytest.mark.slow(22)
 def test_two_steps_on_a_tiny_sd_pipeline_save_a_unet_that_reloads(tiny_sd, tmp_path):
     out = tmp_path / "run"
     r = run_script("pure.py", "--model", str(tiny_sd), "--concept", "church",

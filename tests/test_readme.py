@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 import eval as evaluation
 from conftest import ROOT, readme_blocks, readme_quick_start
 
@@ -17,6 +19,7 @@ def test_quick_start_is_two_commands_and_the_second_is_what_ci_runs():
     assert test in ci
 
 
+@pytest.mark.slow(213)
 def test_quick_start_saves_the_run_the_readme_describes(quick_start):
     # "the run is saved under outputs/pure-circle/ (unet/, run.json, metrics.json, before_after.png)"
     out = quick_start / "outputs" / "pure-circle"
@@ -24,6 +27,7 @@ def test_quick_start_saves_the_run_the_readme_describes(quick_start):
     assert json.loads((out / "metrics.json").read_text())["concept"] == "circle"
 
 
+@pytest.mark.slow(16)
 def test_load_in_diffusers_snippet_runs_on_the_quick_start_output(quick_start):
     snippet = next(b for b in readme_blocks("python") if "UNet2DConditionModel.from_pretrained" in b)
     check = "\nassert image.size == (32, 32), image.size\nprint('ok')\n"

@@ -211,6 +211,7 @@ def test_zero_shot_reward_is_one_minus_clips_probability_and_does_not_pay_for_a_
     assert r(others, "clip").mean() - r(blank, "clip").mean() < 0.5
 
 
+@pytest.mark.slow(14)
 def test_two_iterations_on_a_tiny_sd_pipeline_save_a_unet_that_reloads(tiny_sd, tmp_path):
     out = tmp_path / "run"
     r = run_script("rl_critic.py", "--model", str(tiny_sd), "--concept", "church",

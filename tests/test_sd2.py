@@ -76,6 +76,7 @@ def test_a_scheduler_setting_the_code_does_not_handle_is_refused_in_one_sentence
         common.load_models(str(folder), torch.device("cpu"))
 
 
+@pytest.mark.slow(17)
 @pytest.mark.parametrize("script", ["pure.py", "rl_critic.py"])
 def test_two_steps_on_a_tiny_v_prediction_pipeline_save_a_unet_that_reloads_in_half_precision_too(tiny_sd2, tmp_path,
                                                                                                   script):
@@ -105,6 +106,7 @@ def test_two_steps_on_a_tiny_v_prediction_pipeline_save_a_unet_that_reloads_in_h
 
 
 
+@pytest.mark.slow(5)
 def test_sampling_in_chunks_gives_the_same_images_and_sd_samples_8_prompts_at_a_time(toy_models, tiny_sd):
     prompts, seeds = ["a circle", "a red square", "a striped shape", "", "a ring"], [4, 3, 2, 1, 0]
     whole = common.sample(toy_models, prompts, seeds).latents
@@ -115,6 +117,7 @@ def test_sampling_in_chunks_gives_the_same_images_and_sd_samples_8_prompts_at_a_
     assert common.load_models(str(tiny_sd), torch.device("cpu"), sample_batch_size=2).sample_batch_size == 2
 
 
+@pytest.mark.slow(11)
 def test_fp16_loss_scaling_is_undone_before_clipping_and_an_overflowing_step_is_skipped(tiny_sd, monkeypatch):
     # fp16 autocast needs a GPU; the scaler's arithmetic does not, so a CPU GradScaler stands in for it
     import pure

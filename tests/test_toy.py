@@ -111,6 +111,7 @@ def test_base_model_draws_every_named_value_reduced_sample(toy_models, judge):
     assert min(min(v.values()) for v in (shapes, colours, textures)) >= 0.75, report
 
 
+@pytest.mark.slow(38)
 def test_named_shapes_and_textures_are_rare_in_unconditional_samples(toy_models, judge):
     n = 256
     images = common.sample(toy_models, [""] * n, list(range(60_000, 60_000 + n))).images

@@ -31,6 +31,7 @@ def _run(tiny_sd, tmp_path, *extra):
     return r, out
 
 
+@pytest.mark.slow(60)
 def test_each_precision_source_runs_on_a_tiny_sd_pipeline_and_saves(tiny_sd, tmp_path):
     for source in ("l2", "fisher", "checkpoints"):
         extra = ["--checkpoints", str(tiny_sd), str(tiny_sd)] if source == "checkpoints" else []
@@ -49,6 +50,7 @@ def test_identical_checkpoints_give_a_finite_precision_thanks_to_the_floor(tiny_
     assert torch.isfinite(flat).all() and abs(flat.mean().item() - 1) < 1e-4
 
 
+@pytest.mark.slow(35)
 def test_unbounded_ascent_runs_away_on_the_toy_and_the_divergence_stop_saves_nothing(tmp_path):
     # measured: without the bound, gamma 0.5 sends A past 100x its start within ~20 steps
     out = tmp_path / "vdu-circle"
