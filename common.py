@@ -154,19 +154,32 @@ def _abar_t(scheduler, t, x_t: torch.Tensor):
     return scheduler.alphas_cumprod[int(t)]
 
 
-def _abar(scheduler, t, x_t: torch.Tensor):
-    """(abar_t, abar_prev) of a DDIM step: CPU scalars for an int t (no device round trip, as in
-    diffusers), or (n, 1, 1, 1) tensors on x_t's device for one timestep per sample."""
-    step = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+def previous_timesteps(timesteps) -> torch.Tensor:
+    """The timestep each DDIM step of `timesteps` (noisiest first) goes to: the next one in the
+    list, and -1 (the end: the scheduler's final abar) after the last."""
+    timesteps = torch.as_tensor(timesteps)
+    return torch.cat([timesteps[1:], timesteps.new_tensor([-1])])
+
+
+def _abar(scheduler, t, t_prev, x_t: torch.Tensor, eta: float):
+    """(abar_t, abar_prev) of the DDIM step t -> t_prev: CPU scalars for an int t (no device round
+    trip, as in diffusers), or (n, 1, 1, 1) tensors on x_t's device for one timestep per sample.
+
+    t_prev < 0 is the end of sampling: diffusers' final_alpha_cumprod, which is 1 for a scheduler
+    with set_alpha_to_one=True. With eta > 0 that would make sigma_t 0 and the step's
+    log-probability undefined, so a stochastic step ends at abar_0 instead, as DDPO's sampler does
+    (it clamps the previous timestep at 0). The two agree for SD v1.x, v2.x and the toy, whose
+    final_alpha_cumprod is abar_0."""
+    abar = scheduler.alphas_cumprod
+    final = abar[0] if eta > 0 else scheduler.final_alpha_cumprod
     if torch.is_tensor(t) and t.ndim == 1:
-        abar = scheduler.alphas_cumprod.to(x_t.device)
-        t = t.to(x_t.device)
-        prev = torch.where(t - step >= 0, abar[(t - step).clamp(min=0)], scheduler.final_alpha_cumprod.to(x_t.device))
+        abar, t = abar.to(x_t.device), t.to(x_t.device)
+        t_prev = torch.as_tensor(t_prev).to(x_t.device).expand_as(t)
+        prev = torch.where(t_prev >= 0, abar[t_prev.clamp(min=0)], final.to(x_t.device))
         shape = (-1, *([1] * (x_t.ndim - 1)))
         return abar[t].view(shape), prev.view(shape)
-    t = int(t)
-    prev = scheduler.alphas_cumprod[t - step] if t - step >= 0 else scheduler.final_alpha_cumprod
-    return scheduler.alphas_cumprod[t], prev
+    t, t_prev = int(t), int(t_prev)
+    return abar[t], abar[t_prev] if t_prev >= 0 else final
 
 
 def split_prediction(scheduler, output: torch.Tensor, t, x_t: torch.Tensor):
@@ -187,7 +200,7 @@ def predicted_x0(scheduler, output: torch.Tensor, t, x_t: torch.Tensor) -> torch
     return split_prediction(scheduler, output, t, x_t)[1]
 
 
-def ddim_step(scheduler, output: torch.Tensor, t, x_t: torch.Tensor, eta: float = 0.0,
+def ddim_step(scheduler, output: torch.Tensor, t, t_prev, x_t: torch.Tensor, eta: float = 0.0,
               generators: list[torch.Generator] | None = None, prev_sample: torch.Tensor | None = None):
     """One DDIM step x_t -> x_{t-1} as a Gaussian policy (Song et al. 2021, eq. 12 and 16), from
     the UNet's (guided) output: eps, or v for a v-prediction model (see split_prediction).
@@ -196,9 +209,11 @@ def ddim_step(scheduler, output: torch.Tensor, t, x_t: torch.Tensor, eta: float 
     DDIMScheduler.step. With eta > 0, x_prev ~ N(mean, sigma^2 I) is drawn with `generators`
     (one per image), or `prev_sample` is scored instead (the RL method re-evaluates stored
     actions under new parameters). log_prob is the mean over latent elements (DDPO convention).
-    `t` is an int, or a tensor with one timestep per sample.
+    `t` is an int, or a tensor with one timestep per sample; `t_prev` is where the step goes (see
+    previous_timesteps), given rather than read from the scheduler, whose step count belongs to
+    whoever last called its set_timesteps.
     """
-    abar_t, abar_prev = _abar(scheduler, t, x_t)
+    abar_t, abar_prev = _abar(scheduler, t, t_prev, x_t, eta)
     eps, x0_hat = split_prediction(scheduler, output, t, x_t)
     # sigma_t = eta * sqrt((1 - abar_prev) / (1 - abar_t)) * sqrt(1 - abar_t / abar_prev)
     sigma = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)).sqrt()
@@ -256,6 +271,7 @@ def sample(models: Models, prompts: list[str], seeds: list[int], unet=None, step
     sched = models.scheduler
     sched.set_timesteps(steps)
     timesteps = sched.timesteps.tolist()  # python ints: no device round trip per step
+    prev_timesteps = previous_timesteps(timesteps).tolist()
     latent_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     images, latents = [], []
     chunks = range(0, len(prompts), batch_size)
@@ -266,10 +282,10 @@ def sample(models: Models, prompts: list[str], seeds: list[int], unet=None, step
         uncond = encode_prompts(models, [""] * len(p))
         x = torch.cat([torch.randn((1, *latent_shape), generator=g) for g in gens]).to(models.device)
         x = x * sched.init_noise_sigma
-        for t in timesteps:
+        for t, t_prev in zip(timesteps, prev_timesteps):
             with autocast(models.device, models.dtype):
                 pred = guided_eps(unet, x, t, cond, uncond, w).float()  # eps, or v (v-prediction)
-            x_prev, log_prob, _, _ = ddim_step(sched, pred, t, x, eta, gens)
+            x_prev, log_prob, _, _ = ddim_step(sched, pred, t, t_prev, x, eta, gens)
             if on_step:
                 on_step(t, x, x_prev, pred, log_prob)
             x = x_prev
@@ -782,9 +798,18 @@ def load_image_folder(folder: str, size: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
+class _TrainingBar(tqdm):
+    """tqdm that stops the loop at the next step once a SIGTERM was seen (see STOP_REQUESTED)."""
+    def __iter__(self):
+        for step in super().__iter__():
+            if STOP_REQUESTED.is_set():
+                raise KeyboardInterrupt
+            yield step
+
+
 def progress(n: int, desc: str):
     """The progress bar of every training loop: `desc`, the step count, the loss terms (`show`)."""
-    return tqdm(range(n), desc=desc, dynamic_ncols=True)
+    return _TrainingBar(range(n), desc=desc, dynamic_ncols=True)
 
 
 def show(bar, terms: dict) -> None:

@@ -367,7 +367,7 @@ def loss(unet, unet_ref, models: common.Models, mb: dict, guidance_scale: float,
         KL_retain: that KL averaged over the retain prompts' pairs only
         KL_uncond: the same KL for the unconditional branch eps_u, on every pair (--kl-uncond)
 
-    `mb` holds x_t, x_prev (the stored action), t, cond, uncond, log_prob_old (the behaviour
+    `mb` holds x_t, x_prev (the stored action), t, t_prev, cond, uncond, log_prob_old (the behaviour
     policy's), adv and is_forget. The KL terms are off when beta_kl = 0.
     """
     x_t, x_prev, t = mb["x_t"], mb["x_prev"], mb["t"]
@@ -375,7 +375,7 @@ def loss(unet, unet_ref, models: common.Models, mb: dict, guidance_scale: float,
     with common.autocast(models.device, models.dtype):
         eps = common.guided_eps(unet, x_t, t, mb["cond"], mb["uncond"], guidance_scale, with_uncond=both)
     eps, eps_u = (eps[0].float(), eps[1].float()) if both else (eps.float(), None)
-    _, log_prob, mean, sigma = common.ddim_step(models.scheduler, eps, t, x_t, eta, prev_sample=x_prev)
+    _, log_prob, mean, sigma = common.ddim_step(models.scheduler, eps, t, mb["t_prev"], x_t, eta, prev_sample=x_prev)
     total, ratio = ppo_loss(log_prob, mb["log_prob_old"], mb["adv"], clip_range)
     terms = {"ppo": total, "clipped": ((ratio - 1).abs() > clip_range).float().mean()}
     if not hold:
@@ -383,7 +383,7 @@ def loss(unet, unet_ref, models: common.Models, mb: dict, guidance_scale: float,
     with torch.no_grad(), common.autocast(models.device, models.dtype):
         ref = common.guided_eps(unet_ref, x_t, t, mb["cond"], mb["uncond"], guidance_scale, with_uncond=both)
     eps_ref, eps_u_ref = ref if both else (ref, None)
-    mu = lambda e: common.ddim_step(models.scheduler, e.float(), t, x_t, eta, prev_sample=x_prev)[2]  # noqa: E731
+    mu = lambda e: common.ddim_step(models.scheduler, e.float(), t, mb["t_prev"], x_t, eta, prev_sample=x_prev)[2]  # noqa: E731
     # KL(pi_theta || pi_ref) per step, equal variances: ||mu_theta - mu_ref||^2 / (2 sigma_t^2)
     kl = ((mean - mu(eps_ref)) ** 2 / (2 * sigma ** 2)).mean(dim=tuple(range(1, mean.ndim)))
     # reconstructed: held on the retain prompts' steps only; on a forget prompt the KL would pull
@@ -422,12 +422,13 @@ def policy_update(args: Args, models: common.Models, unet_ref, params, opt, roll
     pairs = torch.cartesian_prod(torch.arange(n), torch.arange(trained_steps(T, args.train_steps)))
     cond = common.encode_prompts(models, roll["prompts"])
     uncond = common.encode_prompts(models, [""] * n)
+    t_prev = common.previous_timesteps(roll["timesteps"])
     stats, n_updates = {}, 0
     for _ in range(args.ppo_epochs):
         for mb in pairs[torch.randperm(len(pairs), generator=generator)].split(args.minibatch):
             i, k = mb[:, 0], mb[:, 1]
             batch = dict(x_t=roll["x_t"][i, k].to(models.device), x_prev=roll["x_prev"][i, k].to(models.device),
-                         t=roll["timesteps"][k].to(models.device), cond=cond[i], uncond=uncond[i],
+                         t=roll["timesteps"][k].to(models.device), t_prev=t_prev[k], cond=cond[i], uncond=uncond[i],
                          log_prob_old=roll["log_probs"][i, k].to(models.device), adv=adv[i, k].to(models.device),
                          is_forget=roll["is_forget"][i])
             total, terms = loss(unet, unet_ref, models, batch, args.guidance_scale, args.eta, args.clip_range,

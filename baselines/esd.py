@@ -122,10 +122,11 @@ def trajectory_state(models: common.Models, unet, cond: torch.Tensor, uncond: to
     unet_cfg = unet.config
     x = torch.randn((len(cond), unet_cfg.in_channels, unet_cfg.sample_size, unet_cfg.sample_size), generator=g)
     x = x.to(models.device) * sched.init_noise_sigma
-    for t in timesteps[:stop]:
+    prev_timesteps = common.previous_timesteps(timesteps).tolist()
+    for t, t_prev in zip(timesteps[:stop], prev_timesteps):
         with common.autocast(models.device, models.dtype):
             eps = common.guided_eps(unet, x, t, cond, uncond, guidance).float()
-        x = common.ddim_step(sched, eps, t, x)[0]
+        x = common.ddim_step(sched, eps, t, t_prev, x)[0]
     return x, timesteps[stop]
 
 

@@ -35,8 +35,10 @@ def test_ddim_step_with_eta_zero_equals_diffusers_scheduler_step(toy_models):
     sched.set_timesteps(20)
     g = torch.Generator().manual_seed(0)
     x_t, eps = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
-    for t in sched.timesteps[[0, 7, -1]]:
-        ours, _, _, _ = common.ddim_step(sched, eps, int(t), x_t, eta=0.0)
+    prev = common.previous_timesteps(sched.timesteps)
+    for k in (0, 7, len(sched.timesteps) - 1):
+        t = sched.timesteps[k]
+        ours, _, _, _ = common.ddim_step(sched, eps, int(t), int(prev[k]), x_t, eta=0.0)
         theirs = sched.step(eps, t, x_t, eta=0.0).prev_sample
         assert torch.allclose(ours, theirs, atol=1e-6)
 
@@ -46,8 +48,8 @@ def test_stochastic_step_is_diffusers_step_and_its_log_prob_the_density_of_the_a
     sched.set_timesteps(20)
     g = torch.Generator().manual_seed(1)
     x_t, eps = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
-    t = int(sched.timesteps[5])
-    x_prev, log_prob, _, _ = common.ddim_step(sched, eps, t, x_t, eta=1.0,
+    t, t_prev = int(sched.timesteps[5]), int(sched.timesteps[6])
+    x_prev, log_prob, _, _ = common.ddim_step(sched, eps, t, t_prev, x_t, eta=1.0,
                                               generators=[torch.Generator().manual_seed(s) for s in range(4)])
     # diffusers' own DDIM step, independent of ours: its mean (no noise), its sigma (unit noise)
     mean = sched.step(eps, t, x_t, eta=1.0, variance_noise=torch.zeros_like(x_t)).prev_sample
@@ -59,9 +61,45 @@ def test_stochastic_step_is_diffusers_step_and_its_log_prob_the_density_of_the_a
     expected = torch.distributions.Normal(mean, sigma).log_prob(x_prev).mean(dim=(1, 2, 3))
     assert torch.allclose(log_prob, expected, atol=1e-4)
     # moving every element one sigma away from the mean costs exactly 1/2 of log-density per element
-    _, at_mean, _, _ = common.ddim_step(sched, eps, t, x_t, eta=1.0, prev_sample=mean)
-    _, one_sigma, _, _ = common.ddim_step(sched, eps, t, x_t, eta=1.0, prev_sample=mean + sigma)
+    _, at_mean, _, _ = common.ddim_step(sched, eps, t, t_prev, x_t, eta=1.0, prev_sample=mean)
+    _, one_sigma, _, _ = common.ddim_step(sched, eps, t, t_prev, x_t, eta=1.0, prev_sample=mean + sigma)
     assert torch.allclose(at_mean - one_sigma, torch.full((4,), 0.5), atol=1e-4)
+
+
+def test_a_step_goes_where_it_is_told_whatever_the_scheduler_was_last_set_to(toy_models):
+    # rl_critic.py re-scores stored steps long after sampling; the scheduler's own step count
+    # (set by the last set_timesteps, an evaluation's say) must not enter the step
+    sched = toy_models.scheduler
+    g = torch.Generator().manual_seed(2)
+    x_t, eps = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    sched.set_timesteps(10)
+    t, t_prev = int(sched.timesteps[3]), int(sched.timesteps[4])
+    ten = common.ddim_step(sched, eps, t, t_prev, x_t, eta=1.0, prev_sample=x_t)
+    sched.set_timesteps(50)
+    fifty = common.ddim_step(sched, eps, t, t_prev, x_t, eta=1.0, prev_sample=x_t)
+    assert all(torch.equal(a, b) for a, b in zip(ten, fifty))
+    tensor_t = common.ddim_step(sched, eps, torch.tensor([t, t]), torch.tensor([t_prev, t_prev]), x_t, eta=1.0,
+                                prev_sample=x_t)
+    assert torch.allclose(tensor_t[1], ten[1], atol=1e-5)
+
+
+def test_a_stochastic_last_step_has_a_finite_log_prob_even_with_set_alpha_to_one(toy_models):
+    # set_alpha_to_one=True makes the final abar 1, so sigma_t of the last stochastic step would be
+    # 0 and its log-probability NaN; like DDPO's sampler, a stochastic step ends at abar_0 instead
+    from diffusers import DDIMScheduler
+    sched = DDIMScheduler.from_config(toy_models.scheduler.config, set_alpha_to_one=True)
+    sched.set_timesteps(10)
+    t = int(sched.timesteps[-1])
+    g = torch.Generator().manual_seed(3)
+    x_t, eps = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    x_prev, log_prob, _, sigma = common.ddim_step(sched, eps, t, -1, x_t, eta=1.0,
+                                                  generators=[torch.Generator().manual_seed(s) for s in range(2)])
+    assert sigma > 0 and torch.isfinite(log_prob).all() and torch.isfinite(x_prev).all()
+    batched = common.ddim_step(sched, eps, torch.tensor([t, t]), torch.tensor([-1, -1]), x_t, eta=1.0,
+                               prev_sample=x_prev)[1]
+    assert torch.allclose(batched, log_prob, atol=1e-5)
+    # deterministic sampling still ends where diffusers' does (at abar = 1)
+    assert torch.allclose(common.ddim_step(sched, eps, t, -1, x_t)[0], sched.step(eps, t, x_t).prev_sample, atol=1e-6)
 
 
 # --- the SD code path on a tiny random SD-architecture pipeline -------------------------------
@@ -333,6 +371,11 @@ def test_a_sigterm_whose_interrupt_was_swallowed_still_saves_nothing(tmp_path):
     # printed and dropped, and the run goes on to the end. The output folder must then not appear.
     common.STOP_REQUESTED.set()
     try:
+        steps = []
+        with pytest.raises(KeyboardInterrupt):  # every training loop stops at its next step
+            for step in common.progress(3, "training"):
+                steps.append(step)
+        assert steps == []
         with pytest.raises(KeyboardInterrupt):
             with common.output_folder(tmp_path / "run") as folder:
                 (folder / "metrics.json").write_text("{}")

@@ -43,9 +43,10 @@ def test_stored_trajectories_rescore_to_their_own_log_probs_under_the_same_polic
     assert s["x_t"].shape == (2, 5, 4, 8, 8) and s["log_probs"].shape == (2, 5)
     cond, uncond = common.encode_prompts(toy_models, prompts), common.encode_prompts(toy_models, ["", ""])
     with torch.no_grad():
+        prev = common.previous_timesteps(s["timesteps"]).tolist()
         for k, t in enumerate(s["timesteps"].tolist()):
             eps = common.guided_eps(toy_models.unet, s["x_t"][:, k], t, cond, uncond, toy_models.guidance_scale)
-            _, log_prob, _, _ = common.ddim_step(toy_models.scheduler, eps, t, s["x_t"][:, k], eta=1.0,
+            _, log_prob, _, _ = common.ddim_step(toy_models.scheduler, eps, t, prev[k], s["x_t"][:, k], eta=1.0,
                                                  prev_sample=s["x_prev"][:, k])
             assert torch.allclose(log_prob, s["log_probs"][:, k], atol=1e-4), k
     # the last action is the final latent: decoding it gives the images

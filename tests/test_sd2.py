@@ -36,16 +36,16 @@ def test_a_stochastic_v_step_is_diffusers_step_and_its_log_prob_the_density(tiny
     sched.set_timesteps(20)
     g = torch.Generator().manual_seed(1)
     x_t, v = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
-    t = int(sched.timesteps[4])
+    t, t_prev = int(sched.timesteps[4]), int(sched.timesteps[5])
     noise = torch.cat([torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(s)) for s in range(3)])
-    x_prev, log_prob, mean, sigma = common.ddim_step(sched, v, t, x_t, eta=1.0,
+    x_prev, log_prob, mean, sigma = common.ddim_step(sched, v, t, t_prev, x_t, eta=1.0,
                                                      generators=[torch.Generator().manual_seed(s) for s in range(3)])
     assert torch.allclose(x_prev, sched.step(v, t, x_t, eta=1.0, variance_noise=noise).prev_sample, atol=1e-5)
     assert torch.allclose(mean, sched.step(v, t, x_t, eta=1.0, variance_noise=torch.zeros_like(x_t)).prev_sample,
                           atol=1e-5)
     expected = torch.distributions.Normal(mean, sigma).log_prob(x_prev).mean(dim=(1, 2, 3))
     assert torch.allclose(log_prob, expected, atol=1e-4)
-    assert torch.allclose(common.ddim_step(sched, v, t, x_t)[0], sched.step(v, t, x_t, eta=0.0).prev_sample, atol=1e-5)
+    assert torch.allclose(common.ddim_step(sched, v, t, t_prev, x_t)[0], sched.step(v, t, x_t, eta=0.0).prev_sample, atol=1e-5)
 
 
 def test_the_noising_target_is_v_and_the_split_recovers_eps_and_x0(tiny_sd2):

@@ -44,7 +44,8 @@ def batch_gradients(args, models, ps, clip, params, seed: int, step_sets: dict) 
             x_t, x_prev = roll["x_t"][idx, k].to(models.device), roll["x_prev"][idx, k].to(models.device)
             t = roll["timesteps"][k].repeat(len(idx)).to(models.device)
             eps = common.guided_eps(models.unet, x_t, t, cond, uncond, args.guidance_scale).float()
-            _, log_prob, _, _ = common.ddim_step(models.scheduler, eps, t, x_t, args.eta, prev_sample=x_prev)
+            t_prev = common.previous_timesteps(roll["timesteps"])[k]
+            _, log_prob, _, _ = common.ddim_step(models.scheduler, eps, t, t_prev, x_t, args.eta, prev_sample=x_prev)
             (-(adv * log_prob).mean()).backward()
         grads[name] = torch.cat([p.grad.flatten() for p in params]).clone()
     return grads
