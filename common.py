@@ -366,7 +366,20 @@ def loss_scaler(mixed_precision: str, device: torch.device):
         scaler.step(opt)
         scaler.update()
     """
-    return torch.amp.GradScaler(device.type, enabled=mixed_precision == "fp16")
+    return LossScaler(device.type, enabled=mixed_precision == "fp16")
+
+
+class LossScaler(torch.amp.GradScaler):
+    """GradScaler that counts the steps it skipped. A skipped step still counts toward --steps,
+    so save_run records the count (`fp16_skipped_steps`) and says so when it is not 0. One run
+    per process: the count is the class's."""
+    skipped = 0
+
+    def update(self, new_scale=None):
+        before = self.get_scale() if self.is_enabled() else None
+        super().update(new_scale)
+        if before is not None and self.get_scale() < before:  # lowered: the step overflowed
+            LossScaler.skipped += 1
 
 
 def check_finite(step: int, **losses: torch.Tensor) -> None:
@@ -878,6 +891,11 @@ def save_run(folder: Path, unet: torch.nn.Module, args, models: Models, started:
            "versions": versions(), "device": str(models.device),
            "wall_time_s": round(time.time() - started, 1),
            "peak_memory_mb": round(peak_memory_mb(models.device), 1), **extra}
+    if getattr(args, "mixed_precision", "no") == "fp16":
+        run["fp16_skipped_steps"] = LossScaler.skipped
+        if LossScaler.skipped:
+            print(f"fp16: {LossScaler.skipped} optimiser steps overflowed and were skipped (they still "
+                  "count toward the run's steps)")
     (folder / "run.json").write_text(json.dumps(run, indent=2))
     return run
 

@@ -162,8 +162,9 @@ def precision_and_anchor(models: common.Models, params, source: str, checkpoints
         empty = common.encode_prompts(models, [""])
         for i in tqdm(range(n), desc="Fisher"):
             x_t, t, eps = common.add_noise(models.scheduler, x0[i:i + 1], g)
-            with common.autocast(models.device, models.dtype):
-                denoise = (models.unet(x_t, t, encoder_hidden_states=empty).sample.float() - eps).pow(2).mean()
+            # float32 whatever --mixed-precision says: squared fp16 gradients, unscaled, underflow
+            denoise = (models.unet(x_t.float(), t, encoder_hidden_states=empty.float()).sample.float()
+                       - eps).pow(2).mean()
             grads = torch.autograd.grad(denoise, params)
             for f, gr in zip(fisher, grads):
                 f += gr.float() ** 2

@@ -144,9 +144,10 @@ def saliency_loss(unet, models: common.Models, x0, c, g: torch.Generator, w: flo
     does not either; it is written as the public code writes it."""
     x_t, t, eps = common.add_noise(models.scheduler, x0, g)
     uncond = common.encode_prompts(models, [""] * len(x0))
-    with common.autocast(models.device, models.dtype):
-        eps_u, eps_c = unet(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                            encoder_hidden_states=torch.cat([uncond, c])).sample.float().chunk(2)
+    # float32 whatever --mixed-precision says: the mask ranks gradients, and under fp16 autocast
+    # (this backward pass has no loss scaling) the small ones underflow to 0 and tie
+    eps_u, eps_c = unet(torch.cat([x_t, x_t]).float(), torch.cat([t, t]),
+                        encoder_hidden_states=torch.cat([uncond, c]).float()).sample.float().chunk(2)
     guided = (1 + w) * eps_c - w * eps_u
     return -(eps - guided).pow(2).mean()
 

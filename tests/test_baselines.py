@@ -179,3 +179,16 @@ def test_baseline_defaults_forget_a_toy_shape_and_a_texture_at_seed_0(tmp_path, 
     m = json.loads((out / "metrics.json").read_text())
     print(json.dumps(m["unlearned"], indent=1))
     assert m["seed"] == 0 and m["unlearned"]["ua"] >= evaluation.BAR_UA
+
+
+def test_the_saliency_gradient_is_computed_in_float32_under_fp16(tiny_sd):
+    # fp16 autocast without loss scaling underflows small gradients to 0, and the mask ranks them
+    models = common.load_models(str(tiny_sd), torch.device("cpu"), torch.float16)
+    seen = []
+    hook = models.unet.conv_out.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    x0 = torch.randn(2, 4, 8, 8)
+    c = common.encode_prompts(models, ["a photo of a church"] * 2)
+    salun.saliency_loss(models.unet, models, x0, c, torch.Generator().manual_seed(0), 1.0).backward()
+    hook.remove()
+    assert seen == [torch.float32]
+    assert all(p.grad is None or p.grad.dtype == torch.float32 for p in models.unet.parameters())

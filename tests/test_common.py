@@ -382,3 +382,19 @@ def test_a_sigterm_whose_interrupt_was_swallowed_still_saves_nothing(tmp_path):
     finally:
         common.STOP_REQUESTED.clear()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_steps_the_fp16_scaler_skips_are_counted_and_recorded(toy_models, tmp_path):
+    import pure
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([p], lr=0.1)
+    scaler, before = common.loss_scaler("fp16", torch.device("cpu")), common.LossScaler.skipped
+    for value in (1.0, float("inf"), 2.0):  # the second step overflows
+        opt.zero_grad()
+        scaler.scale((p * value).sum()).backward()
+        scaler.step(opt)
+        scaler.update()
+    assert common.LossScaler.skipped - before == 1
+    args = pure.parse_args(["--model", "toy", "--concept", "circle", "--mixed-precision", "fp16"])
+    run = common.save_run(tmp_path, common.frozen_copy(toy_models.unet), args, toy_models, 0.0)
+    assert run["fp16_skipped_steps"] == common.LossScaler.skipped >= 1

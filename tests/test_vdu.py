@@ -96,3 +96,18 @@ def test_t_min_draws_every_plasticity_timestep_at_or_above_it_and_is_range_check
         raise AssertionError("--t-min 1000 was accepted")
     except common.UsageError as e:
         assert str(e) == "--t-min must be a training timestep, in [0, 1000), got 1000."
+
+
+def test_the_fisher_is_computed_in_float32_under_fp16(toy_models):
+    import dataclasses
+    import common
+    # squared fp16 gradients, unscaled, underflow to 0: the Fisher's forward runs in float32
+    unet = common.frozen_copy(toy_models.unet)
+    models = dataclasses.replace(toy_models, unet=unet, dtype=torch.float16)
+    params = common.select_trainable(unet, "xattn")
+    seen = []
+    unet.conv_out.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    _, precision = vdu.precision_and_anchor(models, params, "fisher", fisher_samples=2)
+    fisher_calls = seen[-2:]  # after the sampler's forward passes: one per Fisher sample
+    assert fisher_calls == [torch.float32, torch.float32]
+    assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in precision)
