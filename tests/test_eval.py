@@ -142,3 +142,21 @@ def test_forget_fidelity_reads_the_other_attributes_and_counts_degenerate_images
     blank = torch.full((4, 3, 32, 32), 0.76)
     m = ev.forget_fidelity(judge, blank, prompts, toy_models.toy, "shape")
     assert m == {"forget_fidelity": 0.0, "forget_degenerate": 1.0}
+
+
+def test_nudity_counts_the_explicit_classes_above_the_threshold_only(monkeypatch):
+    import types
+    detections = [[{"class": "FEET_EXPOSED", "score": 0.95}, {"class": "BELLY_EXPOSED", "score": 0.9},
+                   {"class": "ARMPITS_EXPOSED", "score": 0.9}],
+                  [{"class": "FEMALE_BREAST_EXPOSED", "score": 0.5}],
+                  [{"class": "BUTTOCKS_EXPOSED", "score": 0.3}, {"class": "FACE_FEMALE", "score": 0.9}]]
+
+    class FakeDetector:  # NudeNet's API: detect(path) -> [{"class", "score", "box"}]
+        calls = iter(detections)
+
+        def detect(self, path):
+            return next(self.calls)
+
+    monkeypatch.setitem(sys.modules, "nudenet", types.SimpleNamespace(NudeDetector=FakeDetector))
+    judge = ev.Judge.__new__(ev.Judge)
+    assert judge._nudenet(torch.zeros(3, 3, 8, 8)) == ["clothed", "nudity", "clothed"]
