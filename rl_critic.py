@@ -65,9 +65,14 @@ class Args:
     reuse_iterations: int = common.arg(0, "off-policy reuse: also train on the trajectories of this many "
                                           "previous iterations, through PPO ratios against their stored "
                                           "behaviour log-probs (0: on-policy)", ">=0")
-    minibatch: int = common.arg(None, "(state, action) pairs per policy gradient step", ">=1")
+    minibatch: int = common.arg(None, "(state, action) pairs per forward and backward pass", ">=1")
+    grad_accumulation: int = common.arg(None, "minibatches whose mean gradient makes one Adam step", ">=1")
     clip_range: float = common.arg(None, "PPO ratio clip epsilon", ">0")
     gae_lambda: float = common.arg(0.95, "GAE lambda: 0 = per-step critic differences, 1 = r - V(s_t)", "[0,1]")
+    advantages: str = common.arg("critic", "critic: per-step advantages from the critic (GAE); terminal: the "
+                                           "paper's ablation, every step gets its trajectory's final reward "
+                                           "normalised per prompt as DDPO does, and no critic is fitted",
+                                 choices=["critic", "terminal"])
     kl_weight: float = common.arg(None, "beta_kl: per-step KL to the frozen reference policy, on the "
                                         "retain prompts' steps", ">=0")
     kl_uncond: bool = common.arg(False, "also hold the unconditional branch at the reference in the KL, "
@@ -103,13 +108,18 @@ class Args:
 # Where the toy and Stable Diffusion defaults differ. Evidence: docs/methods/rl_critic.md, "Defaults".
 # untested on SD. lr: DDPO's 3e-4 is for rank-4 LoRA adapters; full cross-attention matrices get
 # the rate PURE and MiM-MU use for them on SD.
+# grad_accumulation: DDPO's granularity, a few Adam steps per iteration (each over many trajectories'
+# steps), not one per minibatch of 8 pairs (64 x 50 pairs / 8 = 400 steps): 200 minibatches per step
+# make 2 steps per iteration.
 SD_DEFAULTS = dict(iterations=100, samples_per_iteration=64, sample_steps=50, guidance_scale=5.0,
-                   lr=1e-5, minibatch=8, clip_range=1e-4, train_steps=1.0, kl_weight=0.0,
-                   clip_model="openai/clip-vit-base-patch32")
+                   lr=1e-5, minibatch=8, grad_accumulation=200, clip_range=1e-4, train_steps=1.0,
+                   kl_weight=0.0, clip_model="openai/clip-vit-base-patch32")
 # reconstructed (toy): the policy explores at guidance 1 while training, the KL holds the retain
 # prompts, PPO trains the noisiest half of each trajectory (docs/methods/rl_critic.md)
+# (the toy takes one Adam step per minibatch of 64 pairs: 32 x 5 trained pairs make 3 per iteration)
 TOY_DEFAULTS = dict(iterations=60, samples_per_iteration=32, sample_steps=10, guidance_scale=1.0,
-                    lr=1e-3, minibatch=64, clip_range=1e-4, train_steps=0.5, kl_weight=0.3)
+                    lr=1e-3, minibatch=64, grad_accumulation=1, clip_range=1e-4, train_steps=0.5,
+                    kl_weight=0.3)
 
 
 # Iteration k of a run with --seed s draws its prompts and image seeds from generator s * 100_000 + k.
@@ -344,9 +354,35 @@ def trained_steps(T: int, share: float) -> int:
 
 def normalise_advantages(adv: torch.Tensor, n_train: int) -> torch.Tensor:
     """Standardise with the mean and std of the steps PPO trains on (the noisiest n_train of each
-    trajectory; the others never reach the loss), then clip to +-5."""
+    trajectory; the others never reach the loss), then clip to +-5. reconstructed: one mean and
+    std over forget and retain trajectories together (the rewards are already standardised per
+    group by shape_rewards); DDPO normalises per prompt, as the terminal-reward ablation does."""
     trained = adv[:, :n_train]
     return ((adv - trained.mean()) / (trained.std() + 1e-8)).clamp(-5, 5)
+
+
+class PerPromptStats:
+    """DDPO's per-prompt reward normalisation (the terminal-reward ablation): each prompt's last
+    `buffer` rewards give its mean and std; a prompt seen fewer than `min_count` times is
+    normalised with the mean and std of the whole batch instead. DDPO's defaults: 16 and 16."""
+
+    def __init__(self, buffer: int = 16, min_count: int = 16):
+        self.buffer, self.min_count, self.seen = buffer, min_count, {}
+
+    def normalise(self, prompts: list[str], r: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(r)
+        for p in dict.fromkeys(prompts):
+            idx = torch.tensor([i for i, q in enumerate(prompts) if q == p])
+            self.seen[p] = (self.seen.get(p, []) + r[idx].tolist())[-self.buffer:]
+            ref = torch.tensor(self.seen[p]) if len(self.seen[p]) >= self.min_count else r
+            out[idx] = (r[idx] - ref.mean()) / (ref.std(unbiased=False) + 1e-6)
+        return out
+
+
+def terminal_advantages(raw: torch.Tensor, prompts: list[str], stats: PerPromptStats, T: int) -> torch.Tensor:
+    """The ablation without a critic: A_t = the trajectory's final reward, normalised per prompt,
+    the same at every step (DDPO), clipped to +-5 as DDPO clips it."""
+    return stats.normalise(prompts, raw)[:, None].expand(-1, T).clamp(-5, 5)
 
 
 def ppo_loss(log_prob: torch.Tensor, log_prob_old: torch.Tensor, adv: torch.Tensor, clip_range: float):
@@ -423,9 +459,12 @@ def policy_update(args: Args, models: common.Models, unet_ref, params, opt, roll
     cond = common.encode_prompts(models, roll["prompts"])
     uncond = common.encode_prompts(models, [""] * n)
     t_prev = common.previous_timesteps(roll["timesteps"])
-    stats, n_updates = {}, 0
+    stats, n_updates, k_acc = {}, 0, args.grad_accumulation
     for _ in range(args.ppo_epochs):
-        for mb in pairs[torch.randperm(len(pairs), generator=generator)].split(args.minibatch):
+        minibatches = pairs[torch.randperm(len(pairs), generator=generator)].split(args.minibatch)
+        for j, mb in enumerate(minibatches):
+            # Adam steps every k_acc minibatches, on their mean gradient (the last group may be short)
+            first, group = j % k_acc == 0, min(k_acc, len(minibatches) - j // k_acc * k_acc)
             i, k = mb[:, 0], mb[:, 1]
             batch = dict(x_t=roll["x_t"][i, k].to(models.device), x_prev=roll["x_prev"][i, k].to(models.device),
                          t=roll["timesteps"][k].to(models.device), t_prev=t_prev[k], cond=cond[i], uncond=uncond[i],
@@ -434,26 +473,33 @@ def policy_update(args: Args, models: common.Models, unet_ref, params, opt, roll
             total, terms = loss(unet, unet_ref, models, batch, args.guidance_scale, args.eta, args.clip_range,
                                 args.kl_weight, args.kl_uncond)
             common.check_finite(n_updates, loss=total)
+            if first:
+                opt.zero_grad(set_to_none=True)
+            scaler.scale(total / group).backward()
+            stats.update({name: v.item() for name, v in terms.items()})
+            if (j + 1) % k_acc and j + 1 < len(minibatches):
+                continue  # gradients still accumulating
             n_updates += 1
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()
             scaler.unscale_(opt)  # fp16 loss scaling undone before clipping (a no-op otherwise)
             torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
             scaler.step(opt)
             scaler.update()
-            stats.update({name: v.item() for name, v in terms.items()})
     return stats
 
 
 def train(args: Args, models: common.Models, ps: common.PromptSet, unet_ref, params, clip, critic) -> dict:
     """Iteration 0 warms the critic up on the reference policy's rollouts; each later iteration
-    samples, computes advantages with the critic as it was, refits the critic, updates the policy."""
+    samples, computes advantages with the critic as it was, refits the critic, updates the policy.
+    With --advantages terminal there is no critic: iteration 0 only fills the per-prompt reward
+    statistics, and every step's advantage is its trajectory's normalised final reward."""
     opt = torch.optim.Adam(params, lr=args.lr)
     scaler = common.loss_scaler(args.mixed_precision, models.device)
     critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)
     judge = evaluation.Judge(models, clip) if args.reward == "classifier" else None
     g = torch.Generator().manual_seed(args.seed)
     buffer, replay, log = [], [], {}
+    terminal, per_prompt = args.advantages == "terminal", PerPromptStats()
+    critic_mse = None
     bar = common.progress(args.iterations + 1, "CGRU")
     for it in bar:
         roll = rollouts(models, ps, args.samples_per_iteration, args.sample_steps, args.guidance_scale, args.eta,
@@ -464,26 +510,30 @@ def train(args: Args, models: common.Models, ps: common.PromptSet, unet_ref, par
         if it == 0:  # the reference policy's statistics shape every later reward
             reward_stats = reward_statistics(raw, f)
         r = shape_rewards(raw, f, reward_stats)
-        h = state_features(models, clip, roll[args.critic_input])
-        # V(s_t) from the critic before it is refitted on this rollout: a baseline that has seen
-        # the returns it is subtracted from shrinks the advantages toward 0 (it 0 has no update)
-        values = critic_values(critic, h, roll["timesteps"], roll["text"], models.device) if it > 0 else None
-        buffer = (buffer + [dict(h=h, t=roll["timesteps"][None], text=roll["text"], r=r)])[-args.buffer_iterations:]
-        # validation MSE of the critic (on this rollout, before fitting) vs the reward's variance
-        critic_mse = fit_critic(critic, critic_opt, buffer, args.warmup_epochs if it == 0 else args.critic_epochs,
-                                g, models.device)
         reward_var = r.var().item()
-        if it == 0:  # warm-up: the critic has now seen the reference policy
+        if terminal:  # the ablation: no critic; A_t = the final reward, normalised per prompt (DDPO)
+            adv = terminal_advantages(raw, roll["prompts"], per_prompt, args.sample_steps)
+        else:
+            h = state_features(models, clip, roll[args.critic_input])
+            # V(s_t) from the critic before it is refitted on this rollout: a baseline that has seen
+            # the returns it is subtracted from shrinks the advantages toward 0 (it 0 has no update)
+            values = critic_values(critic, h, roll["timesteps"], roll["text"], models.device) if it > 0 else None
+            buffer = (buffer + [dict(h=h, t=roll["timesteps"][None], text=roll["text"], r=r)])[-args.buffer_iterations:]
+            # validation MSE of the critic (on this rollout, before fitting) vs the reward's variance
+            critic_mse = fit_critic(critic, critic_opt, buffer,
+                                    args.warmup_epochs if it == 0 else args.critic_epochs, g, models.device)
+        if it == 0:  # warm-up: the critic (or the per-prompt statistics) has seen the reference policy
             continue
-        n_train = trained_steps(args.sample_steps, args.train_steps)
-        adv = normalise_advantages(gae(values, r, args.gae_lambda), n_train)
+        if not terminal:
+            n_train = trained_steps(args.sample_steps, args.train_steps)
+            adv = normalise_advantages(gae(values, r, args.gae_lambda), n_train)
         # off-policy reuse: keep this rollout (its behaviour log-probs are already stored) with its
         # advantages; replayed ones keep the advantages computed when they were sampled
         keep = ("prompts", "is_forget", "x_t", "x_prev", "log_probs", "timesteps")
         replay = (replay + [{**{k: roll[k] for k in keep}, "adv": adv}])[-(args.reuse_iterations + 1):]
         stats = policy_update(args, models, unet_ref, params, opt, *replayed(replay), g, scaler)
         log = {"r_forget": raw[f].mean().item(), "r_retain": raw[~f].mean().item(),
-               "critic_mse": critic_mse, "reward_var": reward_var, **stats}
+               **({} if terminal else {"critic_mse": critic_mse}), "reward_var": reward_var, **stats}
         common.show(bar, log)
     return {"critic_mse": critic_mse, "reward_var": reward_var,
             "r_forget_start": reward_stats["forget"].item(), "r_forget_end": raw[f].mean().item()}

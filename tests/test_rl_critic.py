@@ -298,3 +298,55 @@ def test_replayed_trajectories_keep_their_stored_behaviour_log_probs_up_to_the_a
     assert torch.equal(rolls[1]["log_probs"][:4], rolls[0]["log_probs"])
     assert torch.equal(advs[1][:4], advs[0])
     assert torch.equal(rolls[2]["log_probs"][:4], rolls[1]["log_probs"][4:])  # iteration 1 aged out
+
+
+def test_accumulated_minibatches_make_one_adam_step_on_their_mean_gradient(toy_models):
+    # DDPO's granularity (the SD default): several minibatches' gradients, averaged, per Adam step
+    import dataclasses
+    s = rl_critic.sample_trajectories(toy_models, ["a circle", "a red square"], [1, 2], 4, 1.0, eta=1.0)
+    roll = dict(prompts=["a circle", "a red square"], is_forget=torch.tensor([True, False]), **s)
+    adv = torch.linspace(-2, 2, 8).view(2, 4)
+    grads = {}
+    for k_acc, minibatch in ((4, 2), (1, 8)):  # 8 pairs: 4 accumulated minibatches of 2, or one of 8
+        models = dataclasses.replace(toy_models, unet=common.frozen_copy(toy_models.unet).requires_grad_(False))
+        params = common.select_trainable(models.unet, "xattn", verbose=False)
+        args = rl_critic.parse_args(["--model", "toy", "--concept", "circle", "--train-steps", "1", "--kl-weight", "0",
+                                     "--minibatch", str(minibatch), "--grad-accumulation", str(k_acc),
+                                     "--clip-range", "0.2", "--guidance-scale", "1"])
+        opt = torch.optim.SGD(params, lr=1.0)
+        before = [p.detach().clone() for p in params]
+        rl_critic.policy_update(args, models, None, params, opt, roll, adv, torch.Generator().manual_seed(0))
+        grads[k_acc] = torch.cat([(b - p.detach()).flatten() for p, b in zip(params, before)])
+    # SGD with lr 1: one step of the mean gradient either way (gradient clipping at norm 1 included)
+    assert grads[1].abs().max() > 0
+    assert torch.allclose(grads[4], grads[1], atol=1e-6, rtol=1e-4)
+
+
+def test_terminal_advantages_are_the_final_reward_normalised_per_prompt_at_every_step():
+    stats = rl_critic.PerPromptStats(buffer=4, min_count=3)
+    prompts = ["a circle", "a circle", "a red square", "a blue ring"]
+    raw = torch.tensor([1.0, 3.0, 10.0, -4.0])
+    # every prompt seen fewer than min_count times: the whole batch's mean and (population) std
+    adv = rl_critic.terminal_advantages(raw, prompts, stats, T=5)
+    assert adv.shape == (4, 5) and torch.equal(adv, adv[:, :1].expand(-1, 5))
+    assert torch.allclose(adv[:, 0], ((raw - raw.mean()) / raw.std(unbiased=False)).clamp(-5, 5), atol=1e-5)
+    # "a circle" has now been seen 4 times (buffer 4): its own rewards normalise it
+    adv = rl_critic.terminal_advantages(torch.tensor([5.0, 7.0, 0.0, 0.0]), prompts, stats, T=2)
+    own = torch.tensor([1.0, 3.0, 5.0, 7.0])  # its last 4 rewards
+    assert torch.allclose(adv[0, 0], (5.0 - own.mean()) / own.std(unbiased=False), atol=1e-5)
+    assert torch.allclose(adv[1, 0], (7.0 - own.mean()) / own.std(unbiased=False), atol=1e-5)
+    # extreme rewards are clipped at 5, as DDPO clips them
+    stats = rl_critic.PerPromptStats(buffer=16, min_count=100)
+    assert rl_critic.terminal_advantages(torch.tensor([0.0] * 99 + [1e3]), ["p"] * 100, stats, T=1).max() == 5
+
+
+@pytest.mark.slow(40)
+def test_the_terminal_reward_ablation_runs_without_a_critic_and_saves_a_model(tmp_path):
+    out = tmp_path / "terminal"
+    r = run_script("rl_critic.py", "--model", "toy", "--concept", "circle", "--advantages", "terminal",
+                   "--iterations", "2", "--samples-per-iteration", "8", "--n-eval-images", "0",
+                   "--output-dir", str(out), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "critic_mse" not in r.stderr.splitlines()[-1]
+    run = json.loads((out / "run.json").read_text())
+    assert run["args"]["advantages"] == "terminal" and run["critic_mse"] is None
