@@ -14,6 +14,7 @@ from conftest import ROOT, changed_parameters, run_script
 
 sys.path.insert(0, str(ROOT / "baselines"))
 import esd  # noqa: E402
+import fmn  # noqa: E402
 import salun  # noqa: E402
 
 
@@ -192,3 +193,65 @@ def test_the_saliency_gradient_is_computed_in_float32_under_fp16(tiny_sd):
     hook.remove()
     assert seen == [torch.float32]
     assert all(p.grad is None or p.grad.dtype == torch.float32 for p in models.unet.parameters())
+
+
+# --- FMN ---
+
+def test_fmn_records_each_cross_attention_layers_softmax_and_changes_nothing_it_computes(toy_models):
+    unet = common.frozen_copy(toy_models.unet)
+    x_t, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500, 20])
+    c = common.encode_prompts(toy_models, ["a red circle", "a striped square"])
+    with torch.no_grad():
+        plain = unet(x_t, t, encoder_hidden_states=c).sample
+        recorder = fmn.AttentionRecorder.install(unet)
+        recorded = unet(x_t, t, encoder_hidden_states=c).sample
+    n_attn2 = sum(".attn2." in name for name in unet.attn_processors)
+    assert torch.allclose(recorded, plain, atol=1e-5) and len(recorder.maps) == n_attn2 > 0
+    for a in recorder.maps:  # (batch, heads, image positions, tokens): a distribution over tokens
+        assert a.shape[0] == 2 and a.shape[-1] == c.shape[1]
+        assert torch.allclose(a.sum(-1), torch.ones(a.shape[:-1]), atol=1e-5) and (a >= 0).all()
+    recorder.remove(unet)
+    assert all(not isinstance(p, fmn.AttentionRecorder) for p in unet.attn_processors.values())
+
+
+def test_fmn_re_steers_the_concepts_tokens_and_the_end_of_text_only(toy_models):
+    tok = toy_models.tokenizer
+    m = fmn.concept_positions(tok, ["a red circle", "a disc"], "circle")
+    ids = tok(["a red circle"], padding="max_length", max_length=tok.model_max_length).input_ids[0]
+    assert m[0].nonzero().flatten().tolist() == [ids.index(tok("circle", add_special_tokens=False).input_ids[0]),
+                                                 ids.index(tok.eos_token_id)]
+    assert m[1].nonzero().flatten().tolist() == [3]  # the synonym: end-of-text only (<start> a disc <end>)
+    assert fmn.concept_positions(tok, ["a disc"], "circle", end_of_text=False).sum() == 0
+
+
+def test_fmn_loss_is_the_unsquared_norm_of_the_concepts_attention_and_training_lowers_it(toy_models):
+    import dataclasses
+    models = dataclasses.replace(toy_models, unet=common.frozen_copy(toy_models.unet))
+    params = common.select_trainable(models.unet, "xattn", verbose=False)
+    recorder = fmn.AttentionRecorder.install(models.unet)
+    prompts = ["a red circle", "a blue circle"]
+    c = common.encode_prompts(models, prompts)
+    positions = fmn.concept_positions(models.tokenizer, prompts, "circle")
+    x0 = common.sample(models, prompts, [0, 1], decode=False).latents
+    g = torch.Generator().manual_seed(0)
+    x_t, t, _ = common.add_noise(models.scheduler, x0, g)
+    total, _ = fmn.loss(models.unet, models, recorder, x_t, t, c, positions)
+    by_hand = sum((a[:, :, :, :] * positions[:, None, None, :]).pow(2).sum() for a in recorder.maps).sqrt()
+    assert torch.allclose(total, by_hand, atol=1e-5)
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    for _ in range(20):
+        opt.zero_grad()
+        fmn.loss(models.unet, models, recorder, x_t, t, c, positions)[0].backward()
+        opt.step()
+    after, _ = fmn.loss(models.unet, models, recorder, x_t, t, c, positions)
+    assert after < 0.5 * total, (total.item(), after.item())
+
+
+@pytest.mark.slow(25)
+def test_fmn_two_steps_on_a_tiny_sd_pipeline_save_a_unet_that_reloads(tiny_sd, tmp_path):
+    out = tmp_path / "fmn"
+    r = run_script("baselines/fmn.py", "--model", str(tiny_sd), "--concept", "church", "--steps", "2",
+                   "--n-forget", "2", "--batch-size", "2", "--lr", "1e-3", "--n-eval-images", "0",
+                   "--output-dir", str(out), "--device", "cpu", timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert changed_parameters(out / "unet", tiny_sd / "unet")
