@@ -104,7 +104,8 @@ def test_every_benchmark_record_ran_what_its_command_line_gives_today():
     import importlib
     from toy import world
     not_compared = {"output_dir", "overwrite", "n_eval_images", "device"}  # where and whether to evaluate
-    newer = {"t_min": 0, "sample_batch_size": None, "save_half": False}   # added later; these defaults ran before
+    newer = {"t_min": 0, "sample_batch_size": None, "save_half": False,   # added later; these defaults ran before
+             "grad_accumulation": 1, "advantages": "critic"}
     for name in [*evaluation.METHODS, *compare_toy.VARIANTS]:
         method, extra = compare_toy.VARIANTS.get(name, (name, []))
         script = evaluation.METHODS[method]["script"]
