@@ -5,8 +5,10 @@ Text-to-Image Diffusion", arXiv 2601.03213 (ICML 2026). Public here: abstracts, 
 reviews. Stated: denoising is a sequential decision process; a timestep-aware critic built on
 CLIP and trained on noisy intermediate states predicts the expected terminal reward; its
 per-step values give advantages for PPO-style updates of the reverse diffusion kernel; old
-trajectories are reused off-policy. Everything more specific is reconstructed from DDPO
-(Black et al. 2023) conventions. One iteration of the loop, section by section:
+trajectories are reused off-policy. Everything more specific is reconstructed: the policy's
+log-prob, advantage clipping and the clip range from DDPO (Black et al. 2023), GAE from standard
+PPO, the per-step KL from DPOK (Fan et al. 2023); DDPO has neither a critic nor a KL term.
+One iteration of the loop, section by section:
 
   Rollouts  state s_t = (c, t, x_t), action a_t = x_{t-1}; the policy is the stochastic DDIM step
             (eta > 0) with classifier-free guidance, pi(x_{t-1} | s_t) = N(mu_theta, sigma_t^2 I),
@@ -420,7 +422,8 @@ def loss(unet, unet_ref, models: common.Models, mb: dict, guidance_scale: float,
         ref = common.guided_eps(unet_ref, x_t, t, mb["cond"], mb["uncond"], guidance_scale, with_uncond=both)
     eps_ref, eps_u_ref = ref if both else (ref, None)
     mu = lambda e: common.ddim_step(models.scheduler, e.float(), t, mb["t_prev"], x_t, eta, prev_sample=x_prev)[2]  # noqa: E731
-    # KL(pi_theta || pi_ref) per step, equal variances: ||mu_theta - mu_ref||^2 / (2 sigma_t^2)
+    # KL(pi_theta || pi_ref) per step, equal variances: ||mu_theta - mu_ref||^2 / (2 sigma_t^2);
+    # DPOK's regulariser (DDPO's loss has no KL)
     kl = ((mean - mu(eps_ref)) ** 2 / (2 * sigma ** 2)).mean(dim=tuple(range(1, mean.ndim)))
     # reconstructed: held on the retain prompts' steps only; on a forget prompt the KL would pull
     # the policy back toward the concept it is meant to leave

@@ -65,7 +65,7 @@ class Args:
     save_half: bool = common.arg(False, "save the UNet in float16 (SD v1.4: 3.4 GB -> 1.7 GB)")
 
 
-# Where the toy and Stable Diffusion defaults differ. SD: the paper's and the public code's
+# Where the toy and Stable Diffusion defaults differ. SD: the paper's and its original code's
 # (1000 iterations of one prompt, lr 1e-5, 50 DDIM steps). Toy: a search over 10 concepts,
 # docs/methods/esd.md "Defaults" and its search in docs/lab/.
 SD_DEFAULTS = dict(steps=1000, lr=1e-5, sample_steps=50, batch_size=1)
@@ -101,8 +101,8 @@ def setup(args: Args):
     ps = common.concept_prompts(args.concept, models, common.read_prompt_list(args.forget_prompts),
                                 common.read_prompt_list(args.retain_prompts))
     unet_ref = common.frozen_copy(models.unet)                 # eps*: the starting UNet, frozen
-    # Ours: `noxattn` trains everything outside attn2, the time embedding included (the public
-    # code leaves the time embedding out too).
+    # Ours differs (ESD-u): `noxattn` trains everything outside attn2; the original script also
+    # freezes the time embedding and the output layers (conv_norm_out, conv_out).
     params = common.select_trainable(models.unet, args.train)  # theta: what trains
     if args.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
