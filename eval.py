@@ -55,6 +55,7 @@ METHODS = {
     "rl_critic": dict(script="rl_critic.py",       label="CGRU",             max_retain_drop=0.15),
     "esd":       dict(script="baselines/esd.py",   label="ESD (baseline)",   max_retain_drop=0.15),
     "salun":     dict(script="baselines/salun.py", label="SalUn (baseline)", max_retain_drop=0.15),
+    "fmn":       dict(script="baselines/fmn.py",   label="FMN (baseline)",   max_retain_drop=0.15),
 }
 BAR_RETAIN_DROP = {name: m["max_retain_drop"] for name, m in METHODS.items()}  # the same, by method
 

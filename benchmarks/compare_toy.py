@@ -54,9 +54,11 @@ from toy import world  # noqa: E402
 # The methods and baselines, their scripts, labels and bars: evaluation.METHODS (the protocol, in
 # eval.py). Variants that only a claim needs: name -> (method, extra arguments)
 VARIANTS = {"pure_100_steps": ("pure", ["--steps", "100"]),
-            # CGRU's two critic ablations, and its off-policy reuse
+            # CGRU: its paper's ablation (a terminal reward, no critic), two ablations of our critic
+            # (its input; a time-blind critic, without FiLM), and its off-policy reuse
+            "rl_critic_terminal": ("rl_critic", ["--advantages", "terminal"]),
             "rl_critic_x0_hat": ("rl_critic", ["--critic-input", "x0_hat"]),
-            "rl_critic_no_timestep": ("rl_critic", ["--no-timestep"]),
+            "rl_critic_time_blind": ("rl_critic", ["--no-timestep"]),
             "rl_critic_reuse_2": ("rl_critic", ["--reuse-iterations", "2"]),
             # VDU's own recipe (precision from checkpoints: the reference and the toy's snapshots),
             # with all three snapshots and with two; at gamma 0.5, the toy default when they first ran
@@ -334,6 +336,9 @@ CLAIMS = [
     ("PURE", "keeps more than SalUn (in-domain retain drop)", "retain_in_drop", "pure", "salun", -1, PURE_ABS),
     ("PURE", "better fidelity than ESD (KID-CLIP)", "kid_clip", "pure", "esd", -1, PURE_ABS),
     ("PURE", "better fidelity than SalUn (KID-CLIP)", "kid_clip", "pure", "salun", -1, PURE_ABS),
+    ("PURE", "outperforms FMN in forgetting (UA)", "ua", "pure", "fmn", +1, PURE_ABS),
+    ("PURE", "keeps more than FMN (in-domain retain drop)", "retain_in_drop", "pure", "fmn", -1, PURE_ABS),
+    ("PURE", "better fidelity than FMN (KID-CLIP)", "kid_clip", "pure", "fmn", -1, PURE_ABS),
     ("PURE", "almost perfect unlearning in 100 steps (UA above 95%)", "ua", "pure_100_steps", 95.0, +1,
      PURE_ABS),
     ("MiM-MU", "outperforms SalUn in UA (on fine-grained sets)", "ua", "mim_mu", "salun", +1,
@@ -359,10 +364,14 @@ CLAIMS = [
      "rl_critic", "salun", +1, CGRU_ABS),
     ("CGRU", "its figures: UA 95.55%", "ua", "rl_critic", 95.55, +1, CGRU_TABLE),
     ("CGRU", "its figures: in-domain retain 78.47%", "retain_in", "rl_critic", 78.47, +1, CGRU_TABLE),
+    ("CGRU", "ablation: a per-step critic forgets more than a terminal reward alone (UA)", "ua", "rl_critic",
+     "rl_critic_terminal", +1, "abstract (sparse end-of-trajectory rewards give high-variance updates)"),
+    ("CGRU", "ablation: a per-step critic keeps more than a terminal reward alone (in-domain retain drop)",
+     "retain_in_drop", "rl_critic", "rl_critic_terminal", -1, "our reading of the abstract"),
     ("CGRU", "ablation: the critic needs the noisy state (UA above an x0_hat critic's)", "ua", "rl_critic",
      "rl_critic_x0_hat", +1, "abstract (its ablation: rewards on noisy states are key)"),
-    ("CGRU", "ablation: the critic needs the timestep (UA above a critic without FiLM)", "ua", "rl_critic",
-     "rl_critic_no_timestep", +1, "our reading: the abstract names a timestep-aware critic"),
+    ("CGRU", "our ablation: the critic needs the timestep (UA above a time-blind critic, no FiLM)", "ua", "rl_critic",
+     "rl_critic_time_blind", +1, "our reading: the abstract names a timestep-aware critic"),
     ("CGRU", "off-policy reuse helps (UA with 2 replayed iterations above on-policy)", "ua", "rl_critic_reuse_2",
      "rl_critic", +1, "our reading: the paper reuses old trajectories off-policy"),
     ("VDU", "robust with few checkpoints: 2 snapshots forget comparably to 3 (UA, within 5 points)",
