@@ -76,12 +76,18 @@ class Models:
     def is_toy(self) -> bool:
         return self.toy is not None
 
+    @property
+    def conditional(self) -> bool:
+        """False for an unconditional model (toy-uncond, VDU's class setting): no text at all."""
+        return self.text_encoder is not None
+
 
 def load_models(model: str, device: torch.device, dtype: torch.dtype = torch.float32,
-                sample_batch_size: int | None = None) -> Models:
+                sample_batch_size: int | None = None, unconditional_ok: bool = False) -> Models:
     """Tokenizer, CLIP text encoder, VAE, UNet and a DDIM scheduler, safetensors only.
     `sample_batch_size`: prompts per sampling batch (default: 64 on the toy, 8 on SD, where a batch of
     64 prompts alone needs about 24 GiB); every image the methods and eval generate goes through it.
+    An unconditional model (toy-uncond) loads only where the caller handles one (`unconditional_ok`).
 
     Frozen parts (text encoder, VAE) are in eval mode without gradients, in `dtype`; the UNet
     stays float32 (it is what trains; autocast handles mixed precision).
@@ -91,6 +97,11 @@ def load_models(model: str, device: torch.device, dtype: torch.dtype = torch.flo
 
     path, toy = resolve_model(model)
     kw = dict(use_safetensors=True)
+    if is_unconditional(path):
+        if not unconditional_ok:
+            raise UsageError(f"{model} is an unconditional model (no text encoder): only vdu.py and eval.py "
+                             "take one; the other methods need a text-to-image model such as --model toy.")
+        return load_unconditional(model, path, toy, device, dtype, sample_batch_size)
     try:
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype, **kw)
@@ -115,6 +126,40 @@ def load_models(model: str, device: torch.device, dtype: torch.dtype = torch.flo
         models.sample_steps = toy["recommended"]["num_inference_steps"]
         models.guidance_scale = toy["recommended"]["guidance_scale"]
     return models
+
+
+def is_unconditional(path: str) -> bool:
+    """Whether `path` is a folder of diffusers' unconditional latent pipeline (LDMPipeline)."""
+    index = Path(path) / "model_index.json"
+    return index.exists() and json.loads(index.read_text()).get("_class_name") == "LDMPipeline"
+
+
+def load_unconditional(model: str, path: str, toy: dict | None, device: torch.device, dtype: torch.dtype,
+                       sample_batch_size: int | None) -> Models:
+    """An LDMPipeline folder (toy-uncond): a VAE (in the pipeline's `vqvae` slot), an unconditional
+    UNet2DModel, the scheduler; no tokenizer or text encoder."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel
+    try:
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vqvae", torch_dtype=dtype, use_safetensors=True)
+        unet = UNet2DModel.from_pretrained(path, subfolder="unet", torch_dtype=torch.float32, use_safetensors=True)
+        scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
+    except (OSError, ValueError) as e:
+        raise UsageError(f"could not load the unconditional model in {path}: {str(e).splitlines()[0]}") from None
+    check_scheduler(scheduler, model)
+    vae.to(device).eval().requires_grad_(False)
+    models = Models(model, path, None, None, vae, unet.to(device), scheduler, device, dtype, toy)
+    models.sample_batch_size = sample_batch_size or 64
+    if toy:
+        models.sample_steps = toy["recommended"]["num_inference_steps"]
+    return models
+
+
+def unet_output(unet, x_t: torch.Tensor, t, cond: torch.Tensor | None) -> torch.Tensor:
+    """The UNet's prediction for x_t at t given the text states `cond`, or given nothing for an
+    unconditional UNet (cond None): the one call where the two kinds of model differ."""
+    if cond is None:
+        return unet(x_t, t).sample
+    return unet(x_t, t, encoder_hidden_states=cond).sample
 
 
 def frozen_copy(unet: torch.nn.Module) -> torch.nn.Module:
@@ -254,7 +299,8 @@ def sample(models: Models, prompts: list[str], seeds: list[int], unet=None, step
            guidance_scale: float | None = None, eta: float = 0.0, batch_size: int | None = None,
            decode: bool = True, progress: bool = False, text_states: torch.Tensor | None = None,
            on_step=None) -> Samples:
-    """DDIM sampling with classifier-free guidance, one seed per image.
+    """DDIM sampling with classifier-free guidance, one seed per image (an unconditional model
+    ignores the prompts and the guidance: pass [""] * n).
 
     `text_states` (n, tokens, dim), if given, are the prompts' text states, used instead of encoding
     `prompts` (attack.py samples from a learned embedding no word of the vocabulary spells).
@@ -278,13 +324,17 @@ def sample(models: Models, prompts: list[str], seeds: list[int], unet=None, step
     for i in tqdm(chunks, desc="sampling", disable=not progress or len(chunks) < 2, leave=False):
         p, s = prompts[i:i + batch_size], seeds[i:i + batch_size]
         gens = [torch.Generator().manual_seed(int(x)) for x in s]
-        cond = encode_prompts(models, p) if text_states is None else text_states[i:i + batch_size].to(models.device)
-        uncond = encode_prompts(models, [""] * len(p))
+        if models.conditional:
+            cond = encode_prompts(models, p) if text_states is None else text_states[i:i + batch_size].to(models.device)
+            uncond = encode_prompts(models, [""] * len(p))
         x = torch.cat([torch.randn((1, *latent_shape), generator=g) for g in gens]).to(models.device)
         x = x * sched.init_noise_sigma
         for t, t_prev in zip(timesteps, prev_timesteps):
             with autocast(models.device, models.dtype):
-                pred = guided_eps(unet, x, t, cond, uncond, w).float()  # eps, or v (v-prediction)
+                if models.conditional:
+                    pred = guided_eps(unet, x, t, cond, uncond, w).float()  # eps, or v (v-prediction)
+                else:  # an unconditional model: no prompt, no guidance
+                    pred = unet_output(unet, x, t, None).float()
             x_prev, log_prob, _, _ = ddim_step(sched, pred, t, t_prev, x, eta, gens)
             if on_step:
                 on_step(t, x, x_prev, pred, log_prob)
@@ -467,6 +517,9 @@ def concept_prompts(concept: str, models: Models, forget: list[str] | None = Non
     if models.is_toy:
         for p in ps.forget + ps.retain:
             check_toy_prompt(p, models.toy)
+    if not models.conditional and ps.kind != "shape":
+        raise UsageError(f"{models.name}'s classes are the toy's shapes ({', '.join(models.toy['vocabulary']['shape'])}); "
+                         f"{concept!r} is a {ps.kind}.")
     return ps
 
 
@@ -564,6 +617,17 @@ def forget_set(models: Models, ps: PromptSet, n: int, seed: int, image_folder: s
     return x0.to(models.device), prompts, encode_prompts(models, prompts)
 
 
+def class_set(models: Models, concept: str, n: int, seed: int) -> torch.Tensor:
+    """The forget set of an unconditional model (toy-uncond): n images of the class `concept` (a toy
+    shape) drawn as its training data draws them, in every colour and texture, encoded by the VAE.
+    The class's own images, not the model's samples: VDU's class setting forgets its training data."""
+    from toy import world
+    rng = np.random.default_rng([seed, SEED_OFFSET["forget"]])
+    images = np.stack([world.draw(concept, world.COLOURS[rng.integers(len(world.COLOURS))],
+                                  world.TEXTURES[rng.integers(len(world.TEXTURES))], rng) for _ in range(n)])
+    return encode_images(models, torch.from_numpy(images)).to(models.device)
+
+
 def retain_set(models: Models, ps: PromptSet, n: int, seed: int):
     """The retain set: n latents x_0 drawn by the reference model from the retain prompts (cycled)
     with fixed seeds, disjoint from the forget set's. Returns (x_0, prompts, embeddings)."""
@@ -605,12 +669,19 @@ def seed_and_device(seed: int, device: str = "auto", mixed_precision: str = "no"
     return dev, dtypes[mixed_precision]
 
 
+# The shipped toy models: the text-to-image toy, and the unconditional one of VDU's class setting
+# (the same world, VAE and vocabulary), each with the command that rebuilds it.
+TOY_MODELS = {"toy": (TOY_DIR / "pipeline", "python -m toy.build"),
+              "toy-uncond": (TOY_DIR / "uncond", "python -m toy.build --only-uncond")}
+
+
 def resolve_model(model: str) -> tuple[str, dict | None]:
-    """'toy' -> the shipped toy pipeline folder (+ its toy.json); else the folder or hub id."""
-    if model == "toy":
-        folder = TOY_DIR / "pipeline"
+    """'toy' -> the shipped toy pipeline folder (+ its toy.json), 'toy-uncond' the unconditional
+    one; else the folder or hub id."""
+    if model in TOY_MODELS:
+        folder, build = TOY_MODELS[model]
         if not (folder / "model_index.json").exists():
-            raise UsageError(f"the toy model is missing from {folder}; rebuild it with `python -m toy.build`.")
+            raise UsageError(f"the toy model is missing from {folder}; rebuild it with `{build}`.")
         return str(folder), json.loads((TOY_DIR / "toy.json").read_text())
     folder = Path(model)
     if folder.exists():
@@ -646,13 +717,14 @@ def check_scheduler(scheduler, model: str) -> None:
                              f"here does not implement; set it to {handled} in its scheduler config to use it.")
 
 
-def load_unet(path: str | Path, device: torch.device | str = "cpu"):
-    """A UNet alone: a UNet folder, a pipeline folder (its unet/), or a hub id with a unet/."""
-    from diffusers import UNet2DConditionModel
+def load_unet(path: str | Path, device: torch.device | str = "cpu", conditional: bool = True):
+    """A UNet alone: a UNet folder, a pipeline folder (its unet/), or a hub id with a unet/.
+    conditional=False: an unconditional UNet2DModel (toy-uncond's)."""
+    from diffusers import UNet2DConditionModel, UNet2DModel
     path = Path(path)
     sub = "unet" if (path / "unet").exists() or not path.exists() else None
     try:
-        unet = UNet2DConditionModel.from_pretrained(str(path), subfolder=sub, use_safetensors=True,
+        unet = (UNet2DConditionModel if conditional else UNet2DModel).from_pretrained(str(path), subfolder=sub, use_safetensors=True,
                                                     torch_dtype=torch.float32)
     except OSError:
         raise UsageError(f"could not load a UNet from {str(path)!r} (not a UNet folder, or offline).") from None
@@ -715,6 +787,7 @@ RANGES = {
     "(0,1)": (lambda v: 0 < v < 1, "in (0, 1)"),
     "(0,1]": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "[0,1]": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "[0,1)": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "timestep": (lambda v: 0 <= v < 1000, "a training timestep, in [0, 1000)"),
 }
 

@@ -90,7 +90,8 @@ EVAL_SEED_STRIDE = 1_000_000
 GROUP_SEED_STRIDE = 10_000
 EVAL_SEED_OFFSET = {"eval": 500_000,         # eval_set: the images every report judges
                     "attack": 700_000,       # attack.py: the learned prompt's images
-                    "noise_floor": 750_000}  # the benchmark: the base model again, on other seeds
+                    "noise_floor": 750_000,  # the benchmark: the base model again, on other seeds
+                    "classes": 800_000}      # an unconditional model's samples (report_classes)
 
 
 def eval_seeds(seed: int, block: str, n: int, group: int = 0) -> list[int]:
@@ -467,7 +468,9 @@ def before_after(base_images: dict, new_images: dict, es: EvalSet, path: Path, p
 def report(models: common.Models, ps: common.PromptSet, unet=None, base_unet=None, n: int = 64,
            seed: int = 0, grid_path: Path | None = None) -> dict:
     """metrics.json: the base model (`base_unet`, default: the model's own UNet) and, if given,
-    `unet`, on the same prompts and seeds."""
+    `unet`, on the same prompts and seeds. An unconditional model: report_classes."""
+    if not models.conditional:
+        return report_classes(models, ps.concept, unet, base_unet, n, seed, grid_path)
     t0 = time.time()
     clip = load_clip(models)
     judge = Judge(models, clip)
@@ -492,6 +495,86 @@ def report(models: common.Models, ps: common.PromptSet, unet=None, base_unet=Non
     return out
 
 
+# An unconditional model's class unlearning (VDU's own setting). There are no prompts: the figures
+# are the shares of the classes among its samples, judged, and how far its samples moved.
+# The bar, by analogy with VDU's class unlearning: the class's share falls to at most a tenth of
+# its base share, no other class loses more than a quarter of its share, and FD-CLIP against
+# the base model's samples stays within the base-vs-base noise.
+CLASS_BAR = {"share_ratio": 0.10, "other_loss": 0.25}
+
+
+def class_shares(judge: Judge, images: torch.Tensor, classes: list[str]) -> dict:
+    """Each class's share of `images` by the judge's shape head ('other' included)."""
+    answers = judge(images, "shape")
+    return {c: float(np.mean([a == c for a in answers])) for c in classes}
+
+
+def report_classes(models: common.Models, concept: str, unet=None, base_unet=None, n: int = 512,
+                   seed: int = 0, grid_path: Path | None = None) -> dict:
+    """metrics.json of an unconditional model. Three sets of n samples: the base model on seeds A
+    (the reference set) and on seeds B, the unlearned model on seeds B. Shares before and after
+    are judged on seeds B (the same noise, so the change is paired); FD-CLIP and KID-CLIP compare
+    a model's seeds-B samples with the base's seeds-A samples, so the base's own figure (base
+    against base, on other seeds) is the noise that an unchanged model would show."""
+    t0 = time.time()
+    base_unet = base_unet or models.unet
+    clip, judge = load_clip(models), Judge(models)
+    classes = models.toy["vocabulary"]["classes"]["shape"]
+    empty = [""] * n
+
+    def draw(u, block_seeds):
+        return common.sample(models, empty, block_seeds, unet=u, progress=True).images
+
+    seeds_a = eval_seeds(seed, "classes", n, group=0)
+    seeds_b = eval_seeds(seed, "classes", n, group=1)
+    ref_feats = clip.image_features(draw(base_unet, seeds_a))
+
+    def figures(images):
+        feats = clip.image_features(images)
+        shares = class_shares(judge, images, classes)
+        return {"ua": 1 - shares[concept], "share": shares, "fd_clip": frechet_distance(feats, ref_feats),
+                "kid_clip": kernel_distance(feats, ref_feats)}
+
+    base_images = draw(base_unet, seeds_b)
+    out = {"concept": concept, "kind": "class", "model": models.name, "n_images": n, "seed": seed,
+           "judge": "toy judge (shape head)", "clip_model": clip.name, "base": figures(base_images)}
+    if unet is not None:
+        new_images = draw(unet, seeds_b)
+        out["unlearned"] = figures(new_images)
+        out["meets_class_bar"] = meets_class_bar(out)
+        if grid_path:
+            k = min(16, n)
+            common.image_grid(torch.stack([base_images[:k], new_images[:k]]), grid_path, ["base", "unlearned"])
+    out["eval_time_s"] = round(time.time() - t0, 1)
+    return out
+
+
+def meets_class_bar(metrics: dict) -> bool:
+    """The class bar (CLASS_BAR): the class at most a tenth of its base share, no other class down
+    by more than a quarter of its share ('other', no class, is not one), FD-CLIP within the noise."""
+    base, new, c = metrics["base"], metrics["unlearned"], metrics["concept"]
+    others = [k for k in base["share"] if k not in (c, "other")]
+    return (new["share"][c] <= CLASS_BAR["share_ratio"] * base["share"][c] + 1e-9
+            and all(new["share"][k] >= (1 - CLASS_BAR["other_loss"]) * base["share"][k] - 1e-9 for k in others)
+            and new["fd_clip"] <= base["fd_clip"])
+
+
+def format_class_table(metrics: dict) -> str:
+    """Each class's share before and after (an unconditional model's report), FD-CLIP and the bar."""
+    rows = [[name] + [f"{m['share'][k]:.1%}" for k in m["share"]] + [f"{m['fd_clip']:.2f}", f"{m['kid_clip']:.2f}"]
+            for name, m in [("base", metrics["base"])] + ([("unlearned", metrics["unlearned"])]
+                                                         if "unlearned" in metrics else [])]
+    header = ["model"] + [f"{k} (%)" for k in metrics["base"]["share"]] + ["FD-CLIP", "KID-CLIP"]
+    text = markdown_table(header, rows) + (f"\n{metrics['n_images']} unconditional samples per row, seed "
+                                           f"{metrics['seed']}; judge: {metrics['judge']}. FD-CLIP and KID-CLIP "
+                                           "against the base model's samples on other seeds (the base row: "
+                                           "the noise).")
+    if "meets_class_bar" in metrics:
+        text += f"\nThe class bar (a tenth of its share, others within a quarter, FD-CLIP within the noise): " \
+                f"{'met' if metrics['meets_class_bar'] else 'not met'}."
+    return text
+
+
 def save_and_report(folder: Path, models: common.Models, ps: common.PromptSet, unet, unet_ref, args,
                     started: float, n: int, seed: int, **extra) -> dict:
     """The end of every method: evaluate the reference vs the unlearned UNet (same prompts and
@@ -506,7 +589,7 @@ def save_and_report(folder: Path, models: common.Models, ps: common.PromptSet, u
     metrics["wall_time_s"] = round(time.time() - started, 1)
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=1))
     common.save_run(folder, unet, args, models, started, **extra)
-    print(format_table(metrics))
+    print(format_table(metrics) if models.conditional else format_class_table(metrics))
     print(f"wall time {metrics['wall_time_s']:.0f}s")
     return metrics
 
@@ -613,7 +696,8 @@ class Args:
     run: str = common.arg(None, "a saved run folder (outputs/<method>-<concept>) to evaluate against its base")
     compare: list[str] = common.arg([], "several run folders of one concept: a table and a grid")
     compare_grid: str = common.arg("compare.png", "where --compare writes its image grid")
-    n_images: int = common.arg(64, "images per group (forget, synonym, retain in/cross)")
+    n_images: int = common.arg(64, "images per group (forget, synonym, retain in/cross); on an unconditional "
+                                   "model, samples per model")
     seed: int = common.arg(0, "evaluation seed (the same seeds for every model)")
     device: str = common.arg("auto", "auto, cpu or cuda", choices=["auto", "cpu", "cuda"])
     mixed_precision: str = common.arg("no", "no, fp16 or bf16", choices=["no", "fp16", "bf16"])
@@ -634,20 +718,21 @@ def main():
         if not (run_dir / "run.json").exists():
             raise common.UsageError(f"{run_dir} is not a run folder (no run.json).")
         run = json.loads((run_dir / "run.json").read_text())
-        models = common.load_models(run["base_model"], device, dtype, args.sample_batch_size)
+        models = common.load_models(run["base_model"], device, dtype, args.sample_batch_size, unconditional_ok=True)
         ps = common.concept_prompts(run["args"]["concept"], models,
                                     common.read_prompt_list(run["args"].get("forget_prompts")),
                                     common.read_prompt_list(run["args"].get("retain_prompts")))
-        unet = common.load_unet(run_dir / "unet", device)
+        unet = common.load_unet(run_dir / "unet", device, conditional=models.conditional)
         metrics = report(models, ps, unet, None, args.n_images, args.seed)
     else:
         if not args.concept:
             raise common.UsageError("say what to evaluate: --concept NAME (base model), --run FOLDER or "
                                     "--compare FOLDERS.")
-        models = common.load_models(args.model, device, dtype, args.sample_batch_size)
+        models = common.load_models(args.model, device, dtype, args.sample_batch_size, unconditional_ok=True)
         ps = common.concept_prompts(args.concept, models)
         metrics = report(models, ps, None, None, args.n_images, args.seed)
-    print(json.dumps(metrics, indent=1) if args.json else format_table(metrics))
+    table = format_table if models.conditional else format_class_table
+    print(json.dumps(metrics, indent=1) if args.json else table(metrics))
 
 
 if __name__ == "__main__":

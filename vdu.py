@@ -26,8 +26,14 @@ precision to mean 1 (so gamma means the same for all three sources), the precisi
 divergence stop, and the optional per-sample bound on the ascent (`--ascent-bound`).
 The derivation and the evidence behind the defaults: docs/methods/vdu.md.
 
-    python vdu.py --model toy --concept circle      # CPU, offline
-    python vdu.py --concept "Van Gogh"               # Stable Diffusion v1.4, GPU (Fisher precision)
+Two settings share everything but the UNet call. The paper's own: a class forgotten by an
+unconditional model (--model toy-uncond: the forget set is the class's images, A is the plain
+denoising loss, the report counts each class among 512 samples). Its secondary one, which the
+other methods share: a concept forgotten by a text-to-image model (A conditioned on the prompt).
+
+    python vdu.py --model toy --concept circle          # CPU, offline
+    python vdu.py --model toy-uncond --concept circle   # the class setting, CPU, offline
+    python vdu.py --concept "Van Gogh"                   # Stable Diffusion v1.4, GPU (Fisher precision)
 """
 
 from __future__ import annotations
@@ -48,7 +54,8 @@ import eval as evaluation
 class Args:
     concept: str = common.arg("", "what to forget: a toy concept (circle, striped, ...) or an SD "
                                   "concept ('Van Gogh', 'church', 'nudity')")
-    model: str = common.arg(common.DEFAULT_MODEL, "'toy', a hub id or a local diffusers folder")
+    model: str = common.arg(common.DEFAULT_MODEL, "'toy', 'toy-uncond' (unconditional: a class setting), a hub "
+                                                  "id or a local diffusers folder")
     train: str = common.arg("full", "which UNet parameters train", choices=["full", "xattn", "noxattn"])
     precision_from: str = common.arg(None, "where mu* and the precision come from",
                                      choices=["checkpoints", "fisher", "l2"])
@@ -60,7 +67,8 @@ class Args:
     precision_floor: float = common.arg(0.1, "floor added to sigma*^2, as a fraction of its median "
                                              "(checkpoints), or lambda0 relative to the mean Fisher", ">=0")
     fisher_samples: int = common.arg(32, "empty-prompt images for --precision-from fisher", ">=1")
-    gamma: float = common.arg(None, "weight of stability B against plasticity A", "(0,1)")
+    gamma: float = common.arg(None, "weight of stability B against plasticity A (0: no stability term, "
+                                    "plain gradient ascent, the ablation baseline)", "[0,1)")
     elbo_weights: bool = common.arg(False, "C_t = the DDPM ELBO weights instead of 1 (L_simple)")
     t_min: int = common.arg(0, "reconstructed: C_t = 0 below this timestep (the ascent pushes only where "
                                "noise is high and the content is decided; 0: every timestep)", "timestep")
@@ -80,7 +88,8 @@ class Args:
     device: str = common.arg("auto", "auto, cpu or cuda", choices=["auto", "cpu", "cuda"])
     sample_batch_size: int = common.arg(None, "prompts per sampling batch (default: 64 toy, 8 SD; lower it if sampling runs out of memory)", ">=1")
     seed: int = common.arg(0, "seed of data generation, training and evaluation", ">=0")
-    n_eval_images: int = common.arg(64, "images per evaluation group in the final report (0: skip)", ">=0")
+    n_eval_images: int = common.arg(None, "images per evaluation group in the final report (unconditional: "
+                                          "samples per model; 0: skip)", ">=0")
     output_dir: str = common.arg(None, "where to save (default outputs/vdu-<concept>)")
     overwrite: bool = common.arg(False, "replace an existing output folder")
     save_half: bool = common.arg(False, "save the UNet in float16 (SD v1.4: 3.4 GB -> 1.7 GB)")
@@ -88,23 +97,30 @@ class Args:
 
 # Where the toy and Stable Diffusion defaults differ. Evidence: docs/methods/vdu.md, "Defaults".
 SD_DEFAULTS = dict(precision_from="fisher", gamma=0.95, ascent_bound=0.0, steps=200, lr=1e-5, n_forget=100,
-                   batch_size=4)
+                   batch_size=4, n_eval_images=64)
 # Toy gamma: a search over 10 concepts x 3 seeds, by a rule fixed before the runs (docs/lab/).
 TOY_DEFAULTS = dict(precision_from="fisher", gamma=0.35, ascent_bound=3.0, steps=200, lr=5e-4, n_forget=64,
-                    batch_size=16)
+                    batch_size=16, n_eval_images=64)
+# The class setting (toy-uncond): the toy's settings until a search on seeds 0-2 says otherwise;
+# the report judges 512 samples of each model.
+UNCOND_DEFAULTS = {**TOY_DEFAULTS, "n_eval_images": 512}
+DEFAULTS = {"toy": TOY_DEFAULTS, "toy-uncond": UNCOND_DEFAULTS}
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
     """The command line, with the toy or the SD column filled in and every number checked. On the
     toy, --precision-from checkpoints defaults to the snapshot UNets the toy world ships."""
     args = common.parse_args(Args, argv)
-    common.fill_defaults(args, TOY_DEFAULTS if args.model == "toy" else SD_DEFAULTS)
+    common.fill_defaults(args, DEFAULTS.get(args.model, SD_DEFAULTS))
     common.check_ranges(args)
     if args.precision_from == "checkpoints" and not args.checkpoints:
-        if args.model != "toy":
+        if args.model not in DEFAULTS:
             raise common.UsageError("--precision-from checkpoints needs --checkpoints (e.g. the SD v1.x "
                                     "family); or use --precision-from fisher.")
-        args.checkpoints = [str(p) for p in sorted((common.TOY_DIR / "snapshots").iterdir())]
+        snapshots = common.TOY_DIR / ("snapshots" if args.model == "toy" else "uncond/snapshots")
+        args.checkpoints = [str(p) for p in sorted(snapshots.iterdir())]
+    if args.model == "toy-uncond" and args.train != "full":
+        raise common.UsageError("an unconditional model has no cross-attention: use --train full with toy-uncond.")
     return args
 
 
@@ -115,7 +131,7 @@ def setup(args: Args):
     parameters chosen by --train (printed with their count), and the frozen prior of the stability
     term: mu* and the precision of every trained parameter (--precision-from)."""
     device, dtype = common.seed_and_device(args.seed, args.device, args.mixed_precision)
-    models = common.load_models(args.model, device, dtype, args.sample_batch_size)
+    models = common.load_models(args.model, device, dtype, args.sample_batch_size, unconditional_ok=True)
     ps = common.concept_prompts(args.concept, models, common.read_prompt_list(args.forget_prompts),
                                 common.read_prompt_list(args.retain_prompts))
     unet_ref = common.frozen_copy(models.unet)                 # eps_ref: the reference, frozen
@@ -140,7 +156,7 @@ def precision_and_anchor(models: common.Models, params, source: str, checkpoints
         mean = [p.clone() for p in start]
         m2 = [torch.zeros_like(p) for p in start]
         for k, path in enumerate(tqdm(checkpoints, desc="checkpoints"), start=2):
-            other = dict(common.load_unet(path).named_parameters())
+            other = dict(common.load_unet(path, conditional=models.conditional).named_parameters())
             for i, n in enumerate(names):
                 x = other[n].detach().to(mean[i].device, torch.float32)
                 d = x - mean[i]
@@ -159,12 +175,11 @@ def precision_and_anchor(models: common.Models, params, source: str, checkpoints
         x0 = x0.to(models.device)
         fisher = [torch.zeros_like(p) for p in params]
         g = torch.Generator().manual_seed(seed + 2)
-        empty = common.encode_prompts(models, [""])
+        empty = common.encode_prompts(models, [""]).float() if models.conditional else None
         for i in tqdm(range(n), desc="Fisher"):
             x_t, t, eps = common.add_noise(models.scheduler, x0[i:i + 1], g)
             # float32 whatever --mixed-precision says: squared fp16 gradients, unscaled, underflow
-            denoise = (models.unet(x_t.float(), t, encoder_hidden_states=empty.float()).sample.float()
-                       - eps).pow(2).mean()
+            denoise = (common.unet_output(models.unet, x_t.float(), t, empty).float() - eps).pow(2).mean()
             grads = torch.autograd.grad(denoise, params)
             for f, gr in zip(fisher, grads):
                 f += gr.float() ** 2
@@ -179,7 +194,10 @@ def precision_and_anchor(models: common.Models, params, source: str, checkpoints
 
 def make_data(args: Args, models: common.Models, ps: common.PromptSet):
     """D_f only (the method's premise): latents drawn by the reference model from the forget
-    prompts with fixed seeds, or real images."""
+    prompts with fixed seeds, or real images; for an unconditional model, the class's images
+    (no prompts: c_f is None)."""
+    if not models.conditional:
+        return dict(x0_f=common.class_set(models, ps.concept, args.n_forget, args.seed), c_f=None)
     x0_f, _, c_f = common.forget_set(models, ps, args.n_forget, args.seed, args.forget_images)
     return dict(x0_f=x0_f, c_f=c_f)
 
@@ -197,9 +215,10 @@ def elbo_weight(scheduler, t: torch.Tensor, use_elbo: bool) -> torch.Tensor:
 
 
 def plasticity(unet, models, x_t, t, cond, eps, c_t, e_ref=None, bound: float = 0.0):
-    """A = mean C_t ||eps - eps_theta(x_t, c, t)||^2 over the batch (per-sample errors kept)."""
+    """A = mean C_t ||eps - eps_theta(x_t, c, t)||^2 over the batch (per-sample errors kept);
+    cond None: an unconditional model's eps_theta(x_t, t)."""
     with common.autocast(models.device, models.dtype):
-        e = (unet(x_t, t, encoder_hidden_states=cond).sample.float() - eps).pow(2).mean(dim=(1, 2, 3))
+        e = (common.unet_output(unet, x_t, t, cond).float() - eps).pow(2).mean(dim=(1, 2, 3))
     if bound > 0 and e_ref is not None:
         # reconstructed bound: a sample already pushed past `bound` x the reference's loss stops pushing
         e = torch.where(e > bound * e_ref, e.detach(), e)
@@ -223,7 +242,7 @@ def loss(unet, unet_ref, models: common.Models, batch, params, anchor, precision
     """
     x_t, t, eps, cond, c_t = batch
     with torch.no_grad(), common.autocast(models.device, models.dtype):  # the reference's errors
-        e_ref = (unet_ref(x_t, t, encoder_hidden_states=cond).sample.float() - eps).pow(2).mean(dim=(1, 2, 3))
+        e_ref = (common.unet_output(unet_ref, x_t, t, cond).float() - eps).pow(2).mean(dim=(1, 2, 3))
     a = plasticity(unet, models, x_t, t, cond, eps, c_t, e_ref, bound)
     b = stability(params, anchor, precision)
     # L = -(1 - gamma) A + gamma B
@@ -247,7 +266,8 @@ def train(args: Args, models: common.Models, unet_ref, params, anchor, precision
         # same objective without spending batch slots on zero weights
         x_t, t, eps = common.add_noise(models.scheduler, data["x0_f"][idx], g, t_min=args.t_min)
         c_t = elbo_weight(models.scheduler, t, args.elbo_weights)
-        total, terms = loss(unet, unet_ref, models, (x_t, t, eps, data["c_f"][idx], c_t), params, anchor, precision,
+        c_f = None if data["c_f"] is None else data["c_f"][idx]
+        total, terms = loss(unet, unet_ref, models, (x_t, t, eps, c_f, c_t), params, anchor, precision,
                             args.gamma, args.ascent_bound)
         common.check_finite(step, loss=total)
         shown = {k: v.item() for k, v in terms.items()}
@@ -269,7 +289,8 @@ def train(args: Args, models: common.Models, unet_ref, params, anchor, precision
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     started = time.time()
-    out = args.output_dir or common.default_output_dir("vdu", args.concept)
+    out = args.output_dir or common.default_output_dir("vdu-uncond" if args.model == "toy-uncond" else "vdu",
+                                                       args.concept)
     with common.output_folder(out, args.overwrite) as folder:
         models, ps, unet_ref, params, anchor, precision = setup(args)
         data = make_data(args, models, ps)

@@ -140,3 +140,29 @@ def quick_start(tmp_path_factory) -> Path:
                        text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     return sandbox
+
+
+def make_tiny_uncond(folder: Path) -> Path:
+    """A random unconditional latent pipeline (LDMPipeline: the toy's VAE, a small UNet2DModel,
+    the toy's scheduler) of toy-uncond's layout, with the toy's vocabulary beside it (toy.json in
+    the parent folder, as a copy of the toy keeps it), so the judge and class sets work on it."""
+    import shutil
+
+    from diffusers import AutoencoderKL, DDIMScheduler, LDMPipeline, UNet2DModel
+
+    import common
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                       block_out_channels=(32, 64), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=8, norm_num_groups=16)
+    toy = common.TOY_DIR / "pipeline"
+    vae = AutoencoderKL.from_pretrained(toy, subfolder="vae")
+    scheduler = DDIMScheduler.from_pretrained(toy, subfolder="scheduler")
+    shutil.copy(common.TOY_DIR / "toy.json", folder / "toy.json")
+    LDMPipeline(vqvae=vae, unet=unet, scheduler=scheduler).save_pretrained(folder / "uncond", safe_serialization=True)
+    return folder / "uncond"
+
+
+@pytest.fixture(scope="session")
+def tiny_uncond(tmp_path_factory) -> Path:
+    return make_tiny_uncond(tmp_path_factory.mktemp("uncond"))

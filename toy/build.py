@@ -243,6 +243,8 @@ class TextCache:
 
 
 def train_unet(unet, vae, text, steps: int, device, seed: int, lr: float, desc: str, ema_decay=None):
+    """Denoising training on the VAE's latents of world.sample's images. text=None trains an
+    unconditional UNet2DModel (section 7) on named content only, each shape in equal shares."""
     from diffusers import DDPMScheduler
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 4])
@@ -256,16 +258,16 @@ def train_unet(unet, vae, text, steps: int, device, seed: int, lr: float, desc: 
         ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     bar = tqdm(range(steps), desc=desc, mininterval=5)
     for step in bar:
-        images, captions, _ = world.sample(rng, 64)
+        images, captions, _ = world.sample(rng, 64) if text else world.sample(rng, 64, p_named=1.0, drop=False)
         with torch.no_grad():
             x0 = vae.encode(torch.from_numpy(images).to(device)).latent_dist.sample()
             x0 = x0 * vae.config.scaling_factor
-        cond = text(captions)
         t = torch.randint(0, 1000, (len(x0),), device=device)
         eps = torch.randn_like(x0)
         a = abar[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        loss = F.mse_loss(unet(x_t, t, encoder_hidden_states=cond).sample, eps)
+        pred = unet(x_t, t, encoder_hidden_states=text(captions)).sample if text else unet(x_t, t).sample
+        loss = F.mse_loss(pred, eps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -508,6 +510,87 @@ def summarize(fig) -> str:
 
 
 # ------------------------------------------------------------------------------------------
+# 7. The unconditional class model (VDU's own setting): python -m toy.build --only-uncond
+# ------------------------------------------------------------------------------------------
+# VDU's paper unlearns a class from an unconditional DDPM. This model draws the toy's named
+# content with no prompt at all: every shape in equal shares, in every colour and texture. It
+# works on the committed VAE's latents (8x8x4; 32x32 pixels would cost 16 times the compute), so
+# the folder is an LDMPipeline (diffusers' unconditional latent pipeline: vqvae, unet, scheduler;
+# the VAE sits in the `vqvae` slot, which diffusers loads with a type warning and decodes as
+# it should). DDPMPipeline is the pixel-space equivalent.
+
+UNCOND_STEPS = {"unet": 8000, "snapshot": 200}
+
+
+def make_uncond_unet(channels=UNET_CHANNELS):
+    """The conditional UNet's layout with self-attention where it has cross-attention."""
+    from diffusers import UNet2DModel
+    return UNet2DModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=tuple(channels),
+        down_block_types=("AttnDownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D"),
+        attention_head_dim=8, norm_num_groups=16)
+
+
+def uncond_quality(folder: Path, device, n: int = 1024, seed: int = 2000) -> dict:
+    """Each shape's share among n samples of diffusers' own LDMPipeline, by the judge."""
+    from diffusers import LDMPipeline
+    judge = load_judge(HERE / "judge", device)
+    pipe = LDMPipeline.from_pretrained(folder).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    t0, images = time.time(), []
+    for i in range(0, n, 256):
+        gens = [torch.Generator().manual_seed(seed + k) for k in range(i, min(n, i + 256))]
+        out = pipe(batch_size=len(gens), generator=gens, num_inference_steps=RECOMMENDED["num_inference_steps"],
+                   output_type="np").images
+        images.append(torch.from_numpy(out).permute(0, 3, 1, 2) * 2 - 1)
+    seconds = time.time() - t0
+    pred = judge.predict(torch.cat(images))
+    classes = world.vocabulary()["classes"]
+    return {"n_images": n, "seconds_to_sample": seconds,
+            "shape_share": {s: float((pred["shape"] == i).float().mean()) for i, s in enumerate(classes["shape"])},
+            "texture_share": {t: float((pred["texture"] == i).float().mean())
+                              for i, t in enumerate(classes["texture"])}}
+
+
+def build_uncond(out: Path, device, seed: int, scale: float, n_snapshots: int = 3) -> dict:
+    """toy/uncond/: the LDMPipeline, snapshots/ (for VDU's checkpoint recipe) and uncond.json."""
+    from diffusers import AutoencoderKL, DDIMScheduler, LDMPipeline
+    steps = {k: max(2, int(v * scale)) for k, v in UNCOND_STEPS.items()}
+    vae = AutoencoderKL.from_pretrained(out / "pipeline", subfolder="vae", torch_dtype=torch.float32)
+    vae = vae.to(device).eval().requires_grad_(False)
+    tmp = out / ".build-uncond-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    timings, t0 = {}, time.time()
+    unet = train_unet(make_uncond_unet(), vae, None, steps["unet"], device, seed + 20, lr=3e-4,
+                      desc="uncond UNet", ema_decay=0.999)
+    timings["unet"] = time.time() - t0
+    LDMPipeline(vqvae=half(vae), unet=half(unet), scheduler=DDIMScheduler(**SCHEDULER)).save_pretrained(
+        tmp, safe_serialization=True)
+    t0 = time.time()
+    base_state = {k: v.clone() for k, v in unet.state_dict().items()}
+    for k in range(n_snapshots):
+        snap = make_uncond_unet()
+        snap.load_state_dict(base_state)
+        snap = train_unet(snap, vae, None, steps["snapshot"], device, seed + 30 + k, lr=1e-4,
+                          desc=f"uncond snapshot {k + 1}")
+        half(snap).save_pretrained(tmp / "snapshots" / f"unet-{k + 1}")
+    timings["snapshots"] = time.time() - t0
+    t0 = time.time()
+    figures = uncond_quality(tmp, device)
+    timings["quality"] = time.time() - t0
+    info = {"build": {"seed": seed, "device": str(device), "steps": steps, "seconds": timings,
+                      "parameters": sum(p.numel() for p in unet.parameters()), "torch": torch.__version__,
+                      "threads": torch.get_num_threads()},
+            "quality": figures}
+    (tmp / "uncond.json").write_text(json.dumps(info, indent=1))
+    shutil.rmtree(out / "uncond", ignore_errors=True)
+    tmp.rename(out / "uncond")
+    return info
+
+
+# ------------------------------------------------------------------------------------------
 # Main
 # ------------------------------------------------------------------------------------------
 
@@ -543,7 +626,13 @@ def main():
     parser.add_argument("--only-quality", action="store_true", help="skip training, re-measure")
     parser.add_argument("--only-judges", action="store_true",
                         help="retrain only the two judges (judge/, judge2/) on the committed VAE, then re-measure")
+    parser.add_argument("--only-uncond", action="store_true",
+                        help="build only the unconditional class model (uncond/, VDU's setting) on the committed VAE")
     args = parser.parse_args()
+    if args.only_uncond:
+        info = build_uncond(Path(args.out), torch.device(args.device), args.seed, args.scale)
+        print(json.dumps(info, indent=1))
+        return
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel
 

@@ -1,0 +1,174 @@
+"""VDU in its own setting: a class forgotten by an unconditional model (toy-uncond), each of the six
+shapes x seeds, with its default, without its stability term, and with the paper's checkpoint
+recipe (3 and 2 snapshots).
+
+    python benchmarks/vdu_uncond.py                         # run what is missing (seeds 0-2), then report
+    python benchmarks/vdu_uncond.py --seeds 3 4 5           # the held-out seeds
+    python benchmarks/vdu_uncond.py --report-only           # docs/results/vdu_uncond.md from the records
+
+Each run is `python vdu.py --model toy-uncond --concept <shape> --seed <s> <variant flags>` with its
+own report (512 unconditional samples of the base and of the unlearned model, judged; FD-CLIP and
+KID-CLIP against 512 base samples on other seeds, whose base-against-base figure is the noise).
+It leaves benchmarks/records/vdu_uncond/<variant>/<shape>-seed<s>.json (the metrics, the arguments,
+the command, the commit, the times), committed; a run whose record exists is not redone.
+
+The bar (eval.CLASS_BAR, by analogy with the paper's class unlearning): the class's share at most
+a tenth of its base share, no other shape losing more than a quarter of its share, FD-CLIP within
+the base-against-base noise.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import eval as evaluation  # noqa: E402
+from benchmarks.compare_toy import commit, fmt, interval, write_json  # noqa: E402
+from toy import world  # noqa: E402
+
+SNAPSHOTS = "toy/uncond/snapshots"
+# name -> (what it is, extra flags)
+VARIANTS = {
+    "default": ("VDU's toy defaults (Fisher precision, gamma 0.35, bound 3)", []),
+    "no_stability": ("gradient ascent with the same bound, no stability term (gamma 0)", ["--gamma", "0"]),
+    "3_snapshots": ("the paper's recipe: precision from the reference and 3 snapshots",
+                    ["--precision-from", "checkpoints"]),
+    "2_snapshots": ("the paper's recipe with 2 snapshots",
+                    ["--precision-from", "checkpoints", "--checkpoints", f"{SNAPSHOTS}/unet-1", f"{SNAPSHOTS}/unet-2"]),
+}
+RECORDS = ROOT / "benchmarks" / "records" / "vdu_uncond"
+WORK = ROOT / "outputs" / "vdu_uncond"
+DOC = ROOT / "docs" / "results" / "vdu_uncond.md"
+
+
+def run(variant: str, shape: str, seed: int) -> dict | None:
+    """One run with vdu.py's own report; its record, or None if it failed (the log says why)."""
+    out, log = WORK / f"{variant}-{shape}-seed{seed}", WORK / f"{variant}-{shape}-seed{seed}.log"
+    args = ["--model", "toy-uncond", "--concept", shape, "--seed", str(seed), *VARIANTS[variant][1]]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        r = subprocess.run([sys.executable, "vdu.py", *args, "--output-dir", str(out), "--overwrite"], cwd=ROOT,
+                           stdout=f, stderr=subprocess.STDOUT)
+    if r.returncode != 0:
+        print(f"  {variant} {shape} seed {seed}: FAILED, see {log}")
+        return None
+    metrics = json.loads((out / "metrics.json").read_text())
+    run_json = json.loads((out / "run.json").read_text())
+    rec = {"variant": variant, "concept": shape, "seed": seed, "commit": commit(),
+           "command": " ".join(["python", "vdu.py", *args]), "args": run_json["args"],
+           "wall_time_s": metrics["wall_time_s"], "eval_time_s": metrics["eval_time_s"], "metrics": metrics}
+    write_json(RECORDS / variant / f"{shape}-seed{seed}.json", rec)
+    m = metrics
+    print(f"  {variant} {shape} seed {seed}: share {m['base']['share'][shape]:.1%} -> "
+          f"{m['unlearned']['share'][shape]:.1%}, worst other loss {worst_other_loss(m):.0%}, FD-CLIP "
+          f"{m['unlearned']['fd_clip']:.2f} (noise {m['base']['fd_clip']:.2f}), {rec['wall_time_s']:.0f}s", flush=True)
+    return rec
+
+
+def worst_other_loss(m: dict) -> float:
+    """The largest relative loss of share among the other shapes (0.3 = one lost 30% of its share)."""
+    c, b, u = m["concept"], m["base"]["share"], m["unlearned"]["share"]
+    return max((b[k] - u[k]) / b[k] for k in world.SHAPES if k != c and b[k] > 0)
+
+
+def load(seeds: list[int]) -> dict:
+    """(variant, shape, seed) -> record, for the seeds asked."""
+    out = {}
+    for v in VARIANTS:
+        for path in sorted((RECORDS / v).glob("*.json")):
+            rec = json.loads(path.read_text())
+            if rec["seed"] in seeds:
+                out[(v, rec["concept"], rec["seed"])] = rec
+    return out
+
+
+def pct(v: float) -> str:
+    return fmt(100 * v)
+
+
+def report(records: dict, seeds: list[int]) -> str:
+    """The markdown page: the base model's shares, then per variant and shape the class's share
+    before and after, the other shapes' worst loss, FD-CLIP against the noise, and the bar."""
+    lines = ["# VDU in its own setting: a class forgotten by an unconditional model", "",
+             "Written by `python benchmarks/vdu_uncond.py --report-only` from `benchmarks/records/vdu_uncond/` "
+             f"(seeds {', '.join(map(str, seeds))}). Each run: `python vdu.py --model toy-uncond --concept <shape> "
+             "--seed <s>` with the variant's flags; 512 unconditional samples of each model, judged by the toy "
+             "judge's shape head. Shares before and after are on the same noise seeds; FD-CLIP compares a "
+             "model's samples with 512 base samples on other seeds, so the base model's own figure is the "
+             "noise. Bar: the class at most a tenth of its base share, no other shape losing more than a "
+             "quarter of its share, FD-CLIP within the noise. Means with 95% t-intervals over the runs.", ""]
+    base = [r["metrics"]["base"]["share"] for (v, _, _), r in records.items() if v == "default"]
+    if base:
+        lines += ["## The base model's classes", "",
+                  f"Each shape's share among 512 samples, mean [range] over the {len(base)} base evaluations "
+                  "(the same model, other noise seeds):", "",
+                  evaluation.markdown_table(
+                      ["class", "share (%)"],
+                      [[k, f"{pct(sum(b[k] for b in base) / len(base))} [{pct(min(b[k] for b in base))}, "
+                           f"{pct(max(b[k] for b in base))}]"] for k in base[0]]), ""]
+    lines += ["## Per variant", ""]
+    rows = []
+    for v, (what, _) in VARIANTS.items():
+        recs = [r["metrics"] for (name, _, _), r in records.items() if name == v]
+        if not recs:
+            rows.append([f"`{v}`: {what}", "0"] + ["-"] * 6)
+            continue
+        ratio = [m["unlearned"]["share"][m["concept"]] / max(m["base"]["share"][m["concept"]], 1e-9) for m in recs]
+        rows.append([f"`{v}`: {what}", str(len(recs)),
+                     fmt_pct_interval([m["unlearned"]["share"][m["concept"]] for m in recs]),
+                     fmt_interval_plain(ratio, 2),
+                     fmt_pct_interval([worst_other_loss(m) for m in recs]),
+                     fmt_interval_plain([m["unlearned"]["fd_clip"] - m["base"]["fd_clip"] for m in recs], 2),
+                     f"{sum(m['meets_class_bar'] for m in recs)}/{len(recs)}",
+                     fmt_interval_plain([r["wall_time_s"] for (name, _, _), r in records.items() if name == v], 0)])
+    lines += [evaluation.markdown_table(
+        ["variant", "runs", "class share after (%)", "after / before", "worst other shape's loss (%)",
+         "FD-CLIP minus noise", "bar met", "wall time (s)"], rows), ""]
+    lines += ["## Per shape (class share before -> after, %, one entry per seed)", ""]
+    shape_rows = []
+    for v in VARIANTS:
+        for s in world.SHAPES:
+            recs = [records[k]["metrics"] for k in sorted(records) if k[0] == v and k[1] == s]
+            if recs:
+                shape_rows.append([f"`{v}`", s, ", ".join(f"{pct(m['base']['share'][s])} -> "
+                                                          f"{pct(m['unlearned']['share'][s])}" for m in recs),
+                                   ", ".join(f"{pct(worst_other_loss(m))}" for m in recs)])
+    lines += [evaluation.markdown_table(["variant", "class", "share before -> after", "worst other loss (%)"],
+                                        shape_rows), ""]
+    return "\n".join(lines)
+
+
+def fmt_pct_interval(values: list[float]) -> str:
+    return fmt_interval_plain([100 * v for v in values], 1)
+
+
+def fmt_interval_plain(values: list[float], digits: int) -> str:
+    mean, low, high = interval(values)
+    if low != low:  # one value
+        return fmt(mean, digits)
+    return f"{fmt(mean, digits)} [{fmt(low, digits)}, {fmt(high, digits)}]"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--shapes", nargs="+", default=list(world.SHAPES), choices=list(world.SHAPES))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--report-only", action="store_true", help="write the page from the records, run nothing")
+    args = p.parse_args()
+    if not args.report_only:
+        todo = [(v, s, k) for k in args.seeds for v in args.variants for s in args.shapes
+                if not (RECORDS / v / f"{s}-seed{k}.json").exists()]
+        print(f"{len(todo)} runs to do")
+        for v, s, k in todo:
+            run(v, s, k)
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    DOC.write_text(report(load(args.seeds), args.seeds) + "\n")
+    print(f"wrote {DOC}")
+
+
+if __name__ == "__main__":
+    main()
