@@ -98,7 +98,7 @@ def setup(args: Args):
     models = common.load_models(args.model, device, dtype, args.sample_batch_size)
     ps = common.concept_prompts(args.concept, models, common.read_prompt_list(args.forget_prompts),
                                 common.read_prompt_list(args.retain_prompts))
-    unet_ref = common.frozen_copy(models.unet)                 # for the evaluation only
+    unet_ref = common.frozen_copy(models.unet).to("cpu")       # for the evaluation only: in host memory
     params = common.select_trainable(models.unet, args.train)  # theta: what trains
     if args.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
@@ -216,6 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
         models, ps, unet_ref, params, recorder = setup(args)
         data = make_data(args, models, ps)
         train(args, models, params, recorder, data)
+        unet_ref.to(models.device)  # back for the report
         metrics = evaluation.save_and_report(folder, models, ps, models.unet, unet_ref, args, started,
                                              args.n_eval_images, args.seed, method="FMN (baseline)")
     print(f"saved to {out}")
