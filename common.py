@@ -99,8 +99,8 @@ def load_models(model: str, device: torch.device, dtype: torch.dtype = torch.flo
     kw = dict(use_safetensors=True)
     if is_unconditional(path):
         if not unconditional_ok:
-            raise UsageError(f"{model} is an unconditional model (no text encoder): only vdu.py and eval.py "
-                             "take one; the other methods need a text-to-image model such as --model toy.")
+            raise UsageError(f"{model} is an unconditional model (no text encoder): this needs a text-to-image "
+                             "model such as --model toy (vdu.py and eval.py take an unconditional one).")
         return load_unconditional(model, path, toy, device, dtype, sample_batch_size)
     try:
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
