@@ -517,7 +517,7 @@ def concept_prompts(concept: str, models: Models, forget: list[str] | None = Non
     if models.is_toy:
         for p in ps.forget + ps.retain:
             check_toy_prompt(p, models.toy)
-    if not models.conditional and ps.kind != "shape":
+    if models.is_toy and not models.conditional and ps.kind != "shape":
         raise UsageError(f"{models.name}'s classes are the toy's shapes ({', '.join(models.toy['vocabulary']['shape'])}); "
                          f"{concept!r} is a {ps.kind}.")
     return ps
