@@ -279,9 +279,10 @@ def guided_eps(unet, x_t: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Ten
                with_uncond: bool = False):
     """Classifier-free guidance: eps_hat = eps_u + w (eps_c - eps_u), one batched UNet call.
     At w = 1 that is eps_c alone, so the unconditional half is not computed, unless
-    `with_uncond` asks for it: then (eps_hat, eps_u) is returned."""
-    if w == 1 and not with_uncond:
-        return unet(x_t, t, encoder_hidden_states=cond).sample
+    `with_uncond` asks for it: then (eps_hat, eps_u) is returned. cond None: an unconditional
+    model, which has no guidance (its own prediction)."""
+    if cond is None or (w == 1 and not with_uncond):
+        return unet_output(unet, x_t, t, cond)
     t = torch.cat([t, t]) if torch.is_tensor(t) and t.ndim == 1 else t
     eps_u, eps_c = unet(torch.cat([x_t, x_t]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
     eps_hat = eps_u + w * (eps_c - eps_u)
@@ -324,6 +325,7 @@ def sample(models: Models, prompts: list[str], seeds: list[int], unet=None, step
     for i in tqdm(chunks, desc="sampling", disable=not progress or len(chunks) < 2, leave=False):
         p, s = prompts[i:i + batch_size], seeds[i:i + batch_size]
         gens = [torch.Generator().manual_seed(int(x)) for x in s]
+        cond = uncond = None  # an unconditional model: no prompt, no guidance
         if models.conditional:
             cond = encode_prompts(models, p) if text_states is None else text_states[i:i + batch_size].to(models.device)
             uncond = encode_prompts(models, [""] * len(p))
@@ -331,10 +333,7 @@ def sample(models: Models, prompts: list[str], seeds: list[int], unet=None, step
         x = x * sched.init_noise_sigma
         for t, t_prev in zip(timesteps, prev_timesteps):
             with autocast(models.device, models.dtype):
-                if models.conditional:
-                    pred = guided_eps(unet, x, t, cond, uncond, w).float()  # eps, or v (v-prediction)
-                else:  # an unconditional model: no prompt, no guidance
-                    pred = unet_output(unet, x, t, None).float()
+                pred = guided_eps(unet, x, t, cond, uncond, w).float()  # eps, or v (v-prediction)
             x_prev, log_prob, _, _ = ddim_step(sched, pred, t, t_prev, x, eta, gens)
             if on_step:
                 on_step(t, x, x_prev, pred, log_prob)
@@ -717,15 +716,17 @@ def check_scheduler(scheduler, model: str) -> None:
                              f"here does not implement; set it to {handled} in its scheduler config to use it.")
 
 
-def load_unet(path: str | Path, device: torch.device | str = "cpu", conditional: bool = True):
-    """A UNet alone: a UNet folder, a pipeline folder (its unet/), or a hub id with a unet/.
-    conditional=False: an unconditional UNet2DModel (toy-uncond's)."""
+def load_unet(path: str | Path, device: torch.device | str = "cpu"):
+    """A UNet alone: a UNet folder, a pipeline folder (its unet/), or a hub id with a unet/; a
+    local folder whose config names UNet2DModel loads as that (toy-uncond's, unconditional)."""
     from diffusers import UNet2DConditionModel, UNet2DModel
     path = Path(path)
     sub = "unet" if (path / "unet").exists() or not path.exists() else None
+    config = path / (sub or "") / "config.json"
+    unconditional = config.exists() and json.loads(config.read_text()).get("_class_name") == "UNet2DModel"
     try:
-        unet = (UNet2DConditionModel if conditional else UNet2DModel).from_pretrained(str(path), subfolder=sub, use_safetensors=True,
-                                                    torch_dtype=torch.float32)
+        unet = (UNet2DModel if unconditional else UNet2DConditionModel).from_pretrained(
+            str(path), subfolder=sub, use_safetensors=True, torch_dtype=torch.float32)
     except OSError:
         raise UsageError(f"could not load a UNet from {str(path)!r} (not a UNet folder, or offline).") from None
     return unet.to(device).eval()

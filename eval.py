@@ -722,7 +722,7 @@ def main():
         ps = common.concept_prompts(run["args"]["concept"], models,
                                     common.read_prompt_list(run["args"].get("forget_prompts")),
                                     common.read_prompt_list(run["args"].get("retain_prompts")))
-        unet = common.load_unet(run_dir / "unet", device, conditional=models.conditional)
+        unet = common.load_unet(run_dir / "unet", device)
         metrics = report(models, ps, unet, None, args.n_images, args.seed)
     else:
         if not args.concept:

@@ -156,7 +156,8 @@ def setup(args: Args):
     return models, ps, unet_ref, params, clip, critic
 
 
-# --- Rollouts ---
+# --- Data ---
+# The method's data are its own rollouts: trajectories the current policy samples.
 
 def sample_trajectories(models: common.Models, prompts: list[str], seeds: list[int], steps: int,
                         guidance_scale: float, eta: float) -> dict:

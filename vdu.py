@@ -156,7 +156,7 @@ def precision_and_anchor(models: common.Models, params, source: str, checkpoints
         mean = [p.clone() for p in start]
         m2 = [torch.zeros_like(p) for p in start]
         for k, path in enumerate(tqdm(checkpoints, desc="checkpoints"), start=2):
-            other = dict(common.load_unet(path, conditional=models.conditional).named_parameters())
+            other = dict(common.load_unet(path).named_parameters())
             for i, n in enumerate(names):
                 x = other[n].detach().to(mean[i].device, torch.float32)
                 d = x - mean[i]

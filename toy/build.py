@@ -214,17 +214,17 @@ def train_vae(steps: int, device, seed: int):
 # ------------------------------------------------------------------------------------------
 
 UNET_CHANNELS = (32, 64, 128)
+UNET_LAYOUT = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=16)
 
 
 def make_unet(channels=UNET_CHANNELS):
     """SD's UNet layout (cross-attention down/up blocks around a plain bottom level), shrunk."""
     from diffusers import UNet2DConditionModel
     return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=tuple(channels),
+        **UNET_LAYOUT, block_out_channels=tuple(channels),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=128, attention_head_dim=4, norm_num_groups=16)
+        cross_attention_dim=128, attention_head_dim=4)
 
 
 class TextCache:
@@ -526,11 +526,9 @@ def make_uncond_unet(channels=UNET_CHANNELS):
     """The conditional UNet's layout with self-attention where it has cross-attention."""
     from diffusers import UNet2DModel
     return UNet2DModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=tuple(channels),
+        **UNET_LAYOUT, block_out_channels=tuple(channels),
         down_block_types=("AttnDownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D"),
-        attention_head_dim=8, norm_num_groups=16)
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D"), attention_head_dim=8)
 
 
 def uncond_quality(folder: Path, device, n: int = 1024, seed: int = 2000) -> dict:
