@@ -106,6 +106,20 @@ def meets_bar(method: str, metrics: dict) -> bool:
     return new["ua"] >= BAR_UA and new["retain_in"] >= base["retain_in"] - drop - 1e-9
 
 
+# One bar for counting runs across methods (the benchmark's "runs meeting the common bar"): the
+# concept forgotten, and neither the concept's neighbours of its own kind nor the other kind's
+# concepts damaged by more than 10 points. Each method's own bar (above) stays with the method.
+COMMON_BAR = {"ua": 0.90, "retain_in_drop": 0.10, "retain_cross_drop": 0.10}
+
+
+def meets_common_bar(metrics: dict) -> bool:
+    """Whether one run meets COMMON_BAR (a run without cross-domain prompts is judged in-domain only)."""
+    new, base = metrics["unlearned"], metrics["base"]
+    cross_kept = "retain_cross" not in new or new["retain_cross"] >= base["retain_cross"] - COMMON_BAR["retain_cross_drop"] - 1e-9
+    return (new["ua"] >= COMMON_BAR["ua"] and cross_kept
+            and new["retain_in"] >= base["retain_in"] - COMMON_BAR["retain_in_drop"] - 1e-9)
+
+
 def heading(key: str, short: bool = False) -> str:
     """A column's header with its unit, e.g. "UA (%)", "wall time (s)", "KID-CLIP"."""
     header, short_header, unit = COLUMNS[key]
@@ -316,14 +330,25 @@ def kernel_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     """KID: the unbiased squared MMD between two feature sets under the polynomial kernel
     k(x, y) = (x.y / d + 1)^3 (Binkowski et al. 2018). Unlike the Frechet distance it
     needs no covariance matrix (FD-CLIP from 128 images of 128-dimensional features has singular
-    ones) and has no bias at small samples: two samples of one distribution give 0 on average."""
+    ones) and has no bias at small samples: two samples of one distribution give 0 on average.
+
+    The comparisons here lay both sets out alike: image i of each has the same prompt (and, for a
+    base and an unlearned model, the same seed). Two images of one prompt are closer than two
+    random ones, so the pairs (a_i, b_i) are left out of the cross term just as (a_i, a_i) is left
+    out of the within terms (the U-statistic of Gretton et al. 2012 for equal sizes). Measured on
+    the toy, the base model against itself on other seeds over 30 (concept, seed) units: -0.115
+    +- 0.025 with those pairs in the cross term, 0.013 +- 0.023 without (95%). Sets of different
+    sizes are taken as independent samples, every cross pair counted."""
     a, b = a.double(), b.double()
     d, m, n = a.shape[1], len(a), len(b)
     k_aa, k_bb, k_ab = [(x @ y.T / d + 1) ** 3 for x, y in ((a, a), (b, b), (a, b))]
     # the diagonals k(x, x) are left out of the within-set means: that is what makes it unbiased
     within_a = (k_aa.sum() - k_aa.diagonal().sum()) / (m * (m - 1))
     within_b = (k_bb.sum() - k_bb.diagonal().sum()) / (n * (n - 1))
-    return float(within_a + within_b - 2 * k_ab.mean())
+    if m != n:
+        return float(within_a + within_b - 2 * k_ab.mean())
+    cross = (k_ab.sum() - k_ab.diagonal().sum()) / (m * (m - 1))  # the paired (a_i, b_i) left out
+    return float(within_a + within_b - 2 * cross)
 
 
 @dataclass

@@ -19,6 +19,17 @@ How a comparison is kept fair and resumable:
 
     python benchmarks/compare_toy.py --attack --seeds 0   # the embedding attack on the saved runs
 
+On several machines, each takes a deterministic slice of the (seed, concept) units with
+--shard K/N (a unit's base evaluation and all its methods stay on one machine) and commits its
+records; the merge is a git merge of benchmarks/records/. With a SLURM job array, for example:
+
+    sbatch --array=1-8 --wrap 'python benchmarks/compare_toy.py --seeds 3 4 5 --shard $SLURM_ARRAY_TASK_ID/8'
+
+A run refuses to start from a tree whose tracked code differs from its commit (--allow-dirty
+allows it for development; such records carry "+changes" in their commit and never enter the
+headline). Each record names the exact command, the sha256 of the UNet it measured and the
+KID-CLIP estimator it used.
+
 The attack (attack.py, same budget for every method) runs on the saved UNets in outputs/benchmark/
 and leaves records in benchmarks/records/attack/<method>/; its control, the same attack on the
 base model, is learned once per (concept, seed) and recorded in benchmarks/records/attack/base/;
@@ -66,11 +77,16 @@ VARIANTS = {"pure_100_steps": ("pure", ["--steps", "100"]),
             "vdu_2_snapshots": ("vdu", ["--gamma", "0.5", "--precision-from", "checkpoints", "--checkpoints",
                                         "toy/snapshots/unet-1", "toy/snapshots/unet-2"])}
 CONCEPTS = world.SHAPES + world.TEXTURES
-SEEDS = [0, 1, 2]
+SEEDS = [0, 1, 2]       # the development seeds: every default was chosen on these
+TEST_SEEDS = [3, 4, 5]  # held out: nothing was tuned on them; the headline
 N_IMAGES = 64
 RECORDS = ROOT / "benchmarks" / "records"
 ATTACKS = RECORDS / "attack"
 WORK = ROOT / "outputs" / "benchmark"
+# Records made since eval.kernel_distance leaves the paired images out of its cross term say so;
+# older ones (the development seeds 0-2) counted those pairs, which biases KID-CLIP below 0 for
+# methods that change each image little (by about 0.11 for an unchanged model on the toy).
+KID_ESTIMATOR = "u-statistic"
 
 # ---------------------------------------------------------------------------------------------
 # Running: base evaluations and method runs, each leaving a record
@@ -92,6 +108,36 @@ def commit() -> str:
         return head + ("+changes" if dirty else "") if head else "unknown"
     except OSError:
         return "unknown"
+
+
+def require_clean_tree(allow_dirty: bool) -> None:
+    """A record names the commit that made it, so a run from a tree whose tracked code differs
+    from that commit cannot be traced: refuse it, unless --allow-dirty (development only; such a
+    record's commit ends in "+changes" and never enters the headline)."""
+    if commit().endswith("+changes") and not allow_dirty:
+        raise SystemExit("tracked code differs from the last commit: commit it first (records name the commit "
+                         "that made them), or pass --allow-dirty for a development run that never enters the headline.")
+
+
+def unet_sha256(folder: Path) -> str:
+    """The sha256 of a saved UNet's weights file: which weights a record measured or attacked."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(Path(folder) / "diffusion_pytorch_model.safetensors", "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def shard(units: list, spec: str | None) -> list:
+    """--shard K/N: the K-th of N deterministic slices of a run list (every N-th unit from K-1), so
+    N machines fill the same record tree without overlap; None: every unit."""
+    if not spec:
+        return units
+    k, n = map(int, spec.split("/"))
+    if not 1 <= k <= n:
+        raise SystemExit(f"--shard wants K/N with 1 <= K <= N, got {spec}.")
+    return units[k - 1::n]
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -139,6 +185,7 @@ class Evaluator:
             save_file({"features": feats.contiguous()}, feats_path)
             if not path.exists():  # a recomputed base (new machine) leaves the committed record alone
                 write_json(path, {"concept": concept, "seed": seed, "n_images": N_IMAGES, "commit": commit(),
+                                  "kid_estimator": KID_ESTIMATOR,
                                   "eval_time_s": round(time.time() - t0, 1), "metrics": m})
             out = m, feats
         self._base[(concept, seed)] = out
@@ -173,6 +220,9 @@ def run_method(name: str, concept: str, seed: int, ev: Evaluator) -> dict | None
     m, eval_time = ev.unlearned(out / "unet", concept, seed)
     rec = {"method": name, "concept": concept, "seed": seed, "commit": commit(), "n_images": N_IMAGES,
            "command": " ".join(["python", script, "--model", "toy", "--concept", concept, "--seed", str(seed), *extra]),
+           # what exactly ran (the output folder aside) and which weights were evaluated
+           "argv": [Path(c).name if i == 0 else c for i, c in enumerate(cmd)][1:],
+           "unet_sha256": unet_sha256(out / "unet"), "kid_estimator": KID_ESTIMATOR,
            "args": run["args"], "train_time_s": run["wall_time_s"], "eval_time_s": round(eval_time, 1),
            # what one standalone run takes, less its base evaluation (the benchmark shares that)
            "wall_time_s": round(run["wall_time_s"] + eval_time, 1),
@@ -216,6 +266,7 @@ class Attacker:
         out = attack.attack(self.args, self.models, unet, self.judge, ps, x0, seeds, f"attack {name} {concept}")
         budget = {k: getattr(self.args, k) for k in ("steps", "lr", "batch_size", "n_images", "init_word", "seed")}
         rec = {"method": name, "concept": concept, "seed": seed, "commit": commit(),
+               "unet_sha256": unet_sha256(unet_folder) if name != "base" else "the base toy UNet",
                "command": f"python attack.py --run {unet_folder.parent.relative_to(ROOT)}" if name != "base" else
                "attack.attack on the base toy UNet (the control of python attack.py)",
                "asr": out["asr"], "n_eval_images": len(seeds), "eval_seeds": [seeds[0], seeds[-1]],
@@ -228,43 +279,57 @@ class Attacker:
 
 
 # ---------------------------------------------------------------------------------------------
-# Statistics
+# Statistics: the concept is the unit
 # ---------------------------------------------------------------------------------------------
+# The seeds of one concept are not independent units: their paired differences between methods
+# correlate strongly (intraclass correlation 0.64-0.94 on most claims), so a t-interval over all
+# (concept, seed) runs is too narrow. Every interval here averages the seeds of each concept first
+# and takes the t-interval over the concepts (n = concepts, df = n - 1). Claim verdicts add a Holm
+# correction over the claims table (family-wise 5%).
 
-def t_quantile(df: int, p: float = 0.975) -> float:
-    """Student's t quantile: exact for df 1 and 2, else the Cornish-Fisher expansion around the
-    normal quantile (error below 0.004 at df = 3 and 0.001 from df = 5; tested against tables)."""
-    if df == 1:
-        return math.tan(math.pi * (p - 0.5))
-    if df == 2:
-        return (2 * p - 1) / math.sqrt(2 * p * (1 - p))
-    z = {0.975: 1.959963984540054}[p]
-    g1 = (z ** 3 + z) / 4
-    g2 = (5 * z ** 5 + 16 * z ** 3 + 3 * z) / 96
-    g3 = (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / 384
-    g4 = (79 * z ** 9 + 776 * z ** 7 + 1482 * z ** 5 - 1920 * z ** 3 - 945 * z) / 92160
-    return z + g1 / df + g2 / df ** 2 + g3 / df ** 3 + g4 / df ** 4
+ALPHA = 0.05
 
 
-def interval(values: list[float]) -> tuple[float, float, float]:
-    """(mean, low, high): the 95% t-interval of the mean."""
+def interval(values: list[float], level: float = 1 - ALPHA) -> tuple[float, float, float]:
+    """(mean, low, high): the t-interval of the mean at `level`, the values taken as independent."""
+    from scipy import stats
     v = np.asarray([x for x in values if x is not None and not math.isnan(x)], dtype=float)
     if len(v) == 0:
         return float("nan"), float("nan"), float("nan")
     if len(v) == 1:
         return float(v[0]), float("nan"), float("nan")
-    half = t_quantile(len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))
+    half = stats.t.ppf(0.5 + level / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))
     return float(v.mean()), float(v.mean() - half), float(v.mean() + half)
+
+
+def concept_means(units: dict) -> list[float]:
+    """{(concept, seed): value} -> each concept's mean over its seeds (missing values left out)."""
+    by_concept = {}
+    for (concept, _), v in sorted(units.items()):
+        if v is not None and not math.isnan(v):
+            by_concept.setdefault(concept, []).append(v)
+    return [float(np.mean(v)) for v in by_concept.values()]
+
+
+def concept_interval(units: dict, level: float = 1 - ALPHA) -> tuple[float, float, float]:
+    """The interval over concepts, seeds nested: the t-interval of the per-concept means."""
+    return interval(concept_means(units), level)
+
+
+def p_value(values: list[float]) -> float:
+    """Two-sided one-sample t-test of mean 0."""
+    from scipy import stats
+    return float(stats.ttest_1samp(values, 0.0).pvalue) if len(values) > 1 else float("nan")
 
 
 # the figures of a run, in the units the tables print; "drop" = base - unlearned
 def figures(rec: dict) -> dict:
     u, b = rec["unlearned"], rec["base"]
-    worst = u["retain_in_worst_value"]
+    worst = worst_value(rec)  # the largest drop of any in-domain value: the neighbour damaged most
     return {
         "ua": 100 * u["ua"], "ua_synonym": 100 * u["ua_synonym"], "retain_in": 100 * u["retain_in"],
         "retain_in_drop": 100 * (b["retain_in"] - u["retain_in"]),
-        "worst_drop": 100 * (b["retain_in_per_value"][worst] - u["retain_in_worst"]),
+        "worst_drop": 100 * (b["retain_in_per_value"][worst] - u["retain_in_per_value"][worst]),
         "retain_cross_drop": 100 * (b["retain_cross"] - u["retain_cross"]),
         "forget_fidelity": 100 * u["forget_fidelity"], "forget_degenerate": 100 * u["forget_degenerate"],
         "fd_clip": u["fd_clip"], "kid_clip": u["kid_clip"],
@@ -272,7 +337,14 @@ def figures(rec: dict) -> dict:
         # the embedding attack's success on this run's UNet, where it was attacked (load_records)
         "asr": 100 * rec["attack"]["asr"] if "attack" in rec else float("nan"),
         "meets_bar": float(evaluation.meets_bar(METHODS_BAR.get(rec["method"], rec["method"]), rec)),
+        "meets_common_bar": float(evaluation.meets_common_bar(rec)),
     }
+
+
+def worst_value(rec: dict) -> str:
+    """The in-domain value whose retain dropped most in a run."""
+    b, u = rec["base"]["retain_in_per_value"], rec["unlearned"]["retain_in_per_value"]
+    return max(b, key=lambda v: b[v] - u[v])
 
 
 METHODS_BAR = {v: m for v, (m, _) in VARIANTS.items()}
@@ -318,10 +390,13 @@ def load_base_attacks() -> dict:
 # Claims: each paper's own, checked on the paired (concept, seed) units
 # ---------------------------------------------------------------------------------------------
 
-# (paper, claim, metric, method, against, direction, source): against is another method's name or a
-# number; direction +1 = the claim says `method` is higher, -1 = lower. A "comparable" claim is checked
-# as "not worse by more than 5 points" (direction +1 against the other method's value - 5). source:
-# where the paper's side states it; a summary of a paper is weaker evidence than its abstract or a table.
+# (paper, claim, metric, method, against, direction, source[, both forget]): against is another method's
+# name or a number; direction +1 = the claim says `method` is higher, -1 = lower. A "comparable" claim is
+# checked as "not worse by more than 5 points" (direction +1 against the other method's value - 5).
+# source: where the paper's side states it; a summary of a paper is weaker evidence than its abstract
+# or a table. both forget (True for the image-quality claims and "2 vs 3 snapshots"): the comparison
+# means something only where both sides forgot the concept, so it is made on the units where both
+# reach UA >= 90% (a method that forgets nothing keeps perfect image quality), or "not testable".
 PURE_ABS = "abstract"
 MIM_SUMMARY = "a summary of the paper, not its abstract"
 VDU_SUMMARY = "a summary of the paper"
@@ -334,34 +409,37 @@ CLAIMS = [
     ("PURE", "outperforms SalUn in forgetting (UA)", "ua", "pure", "salun", +1, PURE_ABS),
     ("PURE", "keeps more than ESD (in-domain retain drop)", "retain_in_drop", "pure", "esd", -1, PURE_ABS),
     ("PURE", "keeps more than SalUn (in-domain retain drop)", "retain_in_drop", "pure", "salun", -1, PURE_ABS),
-    ("PURE", "better fidelity than ESD (KID-CLIP)", "kid_clip", "pure", "esd", -1, PURE_ABS),
-    ("PURE", "better fidelity than SalUn (KID-CLIP)", "kid_clip", "pure", "salun", -1, PURE_ABS),
+    ("PURE", "better fidelity than ESD (KID-CLIP)", "kid_clip", "pure", "esd", -1, PURE_ABS, True),
+    ("PURE", "better fidelity than SalUn (KID-CLIP)", "kid_clip", "pure", "salun", -1, PURE_ABS, True),
     ("PURE", "outperforms FMN in forgetting (UA)", "ua", "pure", "fmn", +1, PURE_ABS),
     ("PURE", "keeps more than FMN (in-domain retain drop)", "retain_in_drop", "pure", "fmn", -1, PURE_ABS),
-    ("PURE", "better fidelity than FMN (KID-CLIP)", "kid_clip", "pure", "fmn", -1, PURE_ABS),
+    ("PURE", "better fidelity than FMN (KID-CLIP)", "kid_clip", "pure", "fmn", -1, PURE_ABS, True),
     ("PURE", "almost perfect unlearning in 100 steps (UA above 95%)", "ua", "pure_100_steps", 95.0, +1,
      PURE_ABS),
     ("MiM-MU", "outperforms SalUn in UA (on fine-grained sets)", "ua", "mim_mu", "salun", +1,
      MIM_SUMMARY),
     ("MiM-MU", "outperforms SalUn in retain (on fine-grained sets; in-domain retain drop)",
      "retain_in_drop", "mim_mu", "salun", -1, MIM_SUMMARY),
-    ("MiM-MU", "its limitation: entangled neighbours degrade (worst-value drop minus mean drop, above 0)",
-     "worst_minus_mean", "mim_mu", 0.0, +1, MIM_SUMMARY),
-    ("VDU", "better image quality than ESD (KID-CLIP)", "kid_clip", "vdu", "esd", -1, VDU_SUMMARY),
-    ("VDU", "better image quality than SalUn (KID-CLIP)", "kid_clip", "vdu", "salun", -1, VDU_SUMMARY),
-    ("VDU", "better image quality than ESD (CLIP retain)", "clip_retain", "vdu", "esd", +1, VDU_SUMMARY),
-    ("VDU", "better image quality than SalUn (CLIP retain)", "clip_retain", "vdu", "salun", +1, VDU_SUMMARY),
+    ("MiM-MU", "its limitation: an entangled neighbour degrades (the worst-hit neighbour drops by more than "
+     "10 points)", "worst_drop", "mim_mu", 10.0, +1, MIM_SUMMARY),
+    ("VDU", "better image quality than ESD (KID-CLIP)", "kid_clip", "vdu", "esd", -1, VDU_SUMMARY, True),
+    ("VDU", "better image quality than SalUn (KID-CLIP)", "kid_clip", "vdu", "salun", -1, VDU_SUMMARY, True),
+    ("VDU", "better image quality than ESD (CLIP retain)", "clip_retain", "vdu", "esd", +1, VDU_SUMMARY, True),
+    ("VDU", "better image quality than SalUn (CLIP retain)", "clip_retain", "vdu", "salun", +1, VDU_SUMMARY,
+     True),
     ("CGRU", "forgetting better than or comparable to ESD (UA, within 5 points)", "ua_comparable", "rl_critic",
      "esd", +1, CGRU_ABS),
     ("CGRU", "forgetting better than or comparable to SalUn (UA, within 5 points)", "ua_comparable",
      "rl_critic", "salun", +1, CGRU_ABS),
-    ("CGRU", "keeps image quality: KID-CLIP no worse than ESD's", "kid_clip", "rl_critic", "esd", -1, CGRU_ABS),
+    ("CGRU", "keeps image quality: KID-CLIP no worse than ESD's", "kid_clip", "rl_critic", "esd", -1, CGRU_ABS,
+     True),
     ("CGRU", "keeps image quality: KID-CLIP no worse than SalUn's", "kid_clip", "rl_critic", "salun", -1,
-     CGRU_ABS),
-    ("CGRU", "keeps benign-prompt fidelity better than ESD (forget-prompt fidelity)", "forget_fidelity",
-     "rl_critic", "esd", +1, CGRU_ABS),
-    ("CGRU", "keeps benign-prompt fidelity better than SalUn (forget-prompt fidelity)", "forget_fidelity",
-     "rl_critic", "salun", +1, CGRU_ABS),
+     CGRU_ABS, True),
+    # benign prompts are the retain prompts (forget-prompt fidelity stays our own column)
+    ("CGRU", "keeps benign-prompt fidelity better than ESD (CLIP score of the retain prompts)", "clip_retain",
+     "rl_critic", "esd", +1, CGRU_ABS, True),
+    ("CGRU", "keeps benign-prompt fidelity better than SalUn (CLIP score of the retain prompts)", "clip_retain",
+     "rl_critic", "salun", +1, CGRU_ABS, True),
     ("CGRU", "its figures: UA 95.55%", "ua", "rl_critic", 95.55, +1, CGRU_TABLE),
     ("CGRU", "its figures: in-domain retain 78.47%", "retain_in", "rl_critic", 78.47, +1, CGRU_TABLE),
     ("CGRU", "ablation: a per-step critic forgets more than a terminal reward alone (UA)", "ua", "rl_critic",
@@ -375,42 +453,73 @@ CLAIMS = [
     ("CGRU", "off-policy reuse helps (UA with 2 replayed iterations above on-policy)", "ua", "rl_critic_reuse_2",
      "rl_critic", +1, "our reading: the paper reuses old trajectories off-policy"),
     ("VDU", "robust with few checkpoints: 2 snapshots forget comparably to 3 (UA, within 5 points)",
-     "ua_comparable", "vdu_2_snapshots", "vdu_3_snapshots", +1, VDU_SUMMARY),
+     "ua_comparable", "vdu_2_snapshots", "vdu_3_snapshots", +1, VDU_SUMMARY, True),
 ]
 
 
 def claim_value(rec: dict, metric: str) -> float:
-    f = figures(rec)
-    if metric == "worst_minus_mean":
-        return f["worst_drop"] - f["retain_in_drop"]
-    if metric == "ua_comparable":
-        return f["ua"]
-    return f[metric]
+    return figures(rec)["ua" if metric == "ua_comparable" else metric]
 
 
-def check_claim(records: dict, claim) -> dict:
+MIN_FORGOTTEN_CONCEPTS = 3  # a "both forget" claim with fewer such concepts is not testable
+
+
+def check_claim(records: dict, claim, level: float = 1 - ALPHA) -> dict:
+    """One claim on the paired (concept, seed) units: the per-unit differences (first method minus
+    the other, or minus the stated figure), averaged over each concept's seeds, then a t-interval
+    and a two-sided p-value over the concepts. The verdict here is unadjusted (holm() adds the
+    family-wise one)."""
     paper, text, metric, method, against, direction = claim[:6]
     source = claim[6] if len(claim) > 6 else ""
+    both_forget = claim[7] if len(claim) > 7 else False
     units = sorted({(c, s) for (n, c, s) in records if n == method})
-    if isinstance(against, str):
-        units = [u for u in units if (against, *u) in records]
-        diffs = [claim_value(records[(method, *u)], metric) - claim_value(records[(against, *u)], metric)
-                 for u in units]
-        if metric == "ua_comparable":
-            diffs = [d + 5.0 for d in diffs]  # comparable: within 5 points
-    else:
-        diffs = [claim_value(records[(method, *u)], metric) - against for u in units]
-    mean, low, high = interval(diffs)
-    if len(diffs) < 2:
+    sides = [method] + ([against] if isinstance(against, str) else [])
+    units = [u for u in units if all((n, *u) in records for n in sides)]
+
+    def diffs(units):
+        out = {}
+        for u in units:
+            other = claim_value(records[(against, *u)], metric) if isinstance(against, str) else against
+            out[u] = claim_value(records[(method, *u)], metric) - other + (5.0 if metric == "ua_comparable" else 0.0)
+        return out
+    every = diffs(units)
+    if both_forget:
+        units = [u for u in units if all(records[(n, *u)]["unlearned"]["ua"] >= evaluation.BAR_UA for n in sides)]
+    means = concept_means(diffs(units))
+    mean, low, high = interval(means, level)
+    n_concepts = len({c for c, _ in every})
+    if n_concepts < 2:
         verdict = "not measured yet"
+    elif both_forget and len(means) < MIN_FORGOTTEN_CONCEPTS:
+        verdict = f"not testable ({len(means)} concepts where both forget)"
     elif direction * low > 0 and direction * high > 0:
         verdict = "holds"
     elif direction * low < 0 and direction * high < 0:
         verdict = "fails"
     else:
         verdict = "inconclusive"
-    return {"paper": paper, "claim": text, "n": len(diffs), "mean": mean, "low": low, "high": high,
-            "verdict": verdict, "against": against, "metric": metric, "source": source}
+    return {"paper": paper, "claim": text, "n": len(means), "n_units": len(units), "mean": mean, "low": low,
+            "high": high, "p": p_value(means), "verdict": verdict, "against": against, "metric": metric,
+            "source": source, "direction": direction, "means": means, "both_forget": both_forget,
+            # a quality claim over every paired unit, forgotten or not: shown beside, never a verdict
+            "unmatched": concept_interval(every) if both_forget else None}
+
+
+def holm(results: list[dict], alpha: float = ALPHA) -> list[dict]:
+    """Holm's step-down correction over the claims that have a verdict: sorted by p-value, the i-th
+    (from 0) of m is tested at alpha / (m - i) until the first that is not rejected. Each gets
+    "holm_verdict" and the interval at its own step's level ("holm_low", "holm_high"): holds or
+    fails when that interval excludes 0 and every claim before it did, else inconclusive."""
+    family = sorted((r for r in results if r["verdict"] in ("holds", "fails", "inconclusive")), key=lambda r: r["p"])
+    rejecting = True
+    for i, r in enumerate(family):
+        level = 1 - alpha / (len(family) - i)
+        _, r["holm_low"], r["holm_high"] = interval(r["means"], level)
+        rejecting = rejecting and r["p"] <= alpha / (len(family) - i)
+        r["holm_verdict"] = ("holds" if r["direction"] * r["mean"] > 0 else "fails") if rejecting else "inconclusive"
+    for r in results:
+        r.setdefault("holm_verdict", r["verdict"])
+    return results
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,11 +530,17 @@ def fmt(v: float, digits: int = 1) -> str:
     return "-" if v is None or math.isnan(v) else f"{v:.{digits}f}"
 
 
-def fmt_interval(values: list[float], digits: int = 1) -> str:
-    mean, low, high = interval(values)
+def fmt_interval(units: dict, digits: int = 1) -> str:
+    """{(concept, seed): value} -> "mean [low, high]", the interval over concepts (seeds nested)."""
+    mean, low, high = concept_interval(units)
     if math.isnan(low):
         return fmt(mean, digits)
     return f"{fmt(mean, digits)} [{fmt(low, digits)}, {fmt(high, digits)}]"
+
+
+def units_of(records: dict, name: str, key: str) -> dict:
+    """{(concept, seed): figure} of one method's runs."""
+    return {(c, s): figures(r)[key] for (n, c, s), r in records.items() if n == name}
 
 
 def method_table(records: dict, names: list[str]) -> str:
@@ -434,11 +549,44 @@ def method_table(records: dict, names: list[str]) -> str:
         recs = [r for (n, _, _), r in records.items() if n == name]
         if not recs:
             continue
-        figs = [figures(r) for r in recs]
-        cells = [fmt_interval([f[k] for f in figs], 2 if k == "kid_clip" else 1) for k in COLUMNS]
-        meets = int(sum(f["meets_bar"] for f in figs))
-        rows.append([label(name), str(len(recs)), *cells, f"{meets}/{len(recs)}"])
-    header = ["method", "runs", *map(evaluation.heading, COLUMNS), "runs meeting the bar"]
+        cells = [fmt_interval(units_of(records, name, k), 2 if k == "kid_clip" else 1) for k in COLUMNS]
+        meets = int(sum(evaluation.meets_common_bar(r) for r in recs))
+        n_concepts = len({r["concept"] for r in recs})
+        rows.append([label(name), f"{len(recs)} ({n_concepts})", *cells, f"{meets}/{len(recs)}"])
+    header = ["method", "runs (concepts)", *map(evaluation.heading, COLUMNS), "runs meeting the common bar"]
+    return evaluation.markdown_table(header, rows)
+
+
+def kind_table(records: dict, names: list[str]) -> str:
+    """Shapes and textures apart: UA and in-domain drop over each kind's concepts."""
+    rows = []
+    for name in names:
+        cells = []
+        for kind in (world.SHAPES, world.TEXTURES):
+            for key in ("ua", "retain_in_drop", "retain_cross_drop"):
+                cells.append(fmt_interval({u: v for u, v in units_of(records, name, key).items() if u[0] in kind}))
+        if any(c != "-" for c in cells):
+            rows.append([label(name), *cells])
+    header = ["method"] + [f"{kind}: {evaluation.heading(k, short=True)}" for kind in ("shapes", "textures")
+                           for k in ("ua", "retain_in_drop", "retain_cross_drop")]
+    return evaluation.markdown_table(header, rows)
+
+
+def optimism_table(dev: dict, test: dict, names: list[str]) -> str:
+    """Development minus test per method: how much choosing the defaults on seeds 0-2 flatters them.
+    Paired by concept (each concept's dev mean minus its test mean), interval over the concepts."""
+    rows = []
+    for name in names:
+        cells = []
+        for key in ("ua", "retain_in_drop", "worst_drop"):
+            d, t = units_of(dev, name, key), units_of(test, name, key)
+            dm = {c: np.mean([v for (cc, _), v in d.items() if cc == c]) for c, _ in d}
+            tm = {c: np.mean([v for (cc, _), v in t.items() if cc == c]) for c, _ in t}
+            common_c = sorted(set(dm) & set(tm))
+            cells.append(fmt_interval({(c, 0): float(dm[c] - tm[c]) for c in common_c}))
+        if any(c != "-" for c in cells):
+            rows.append([label(name), *cells])
+    header = ["method", "UA: dev - test (pts)", "in-domain drop: dev - test", "worst-value drop: dev - test"]
     return evaluation.markdown_table(header, rows)
 
 
@@ -452,7 +600,7 @@ def label(name: str) -> str:
 def concept_table(records: dict, name: str) -> str:
     rows = []
     for concept in CONCEPTS:
-        recs = [records[(name, concept, s)] for s in SEEDS if (name, concept, s) in records]
+        recs = [r for (n, c, _), r in sorted(records.items()) if n == name and c == concept]
         if not recs:
             continue
         figs = [figures(r) for r in recs]
@@ -464,11 +612,11 @@ def concept_table(records: dict, name: str) -> str:
                 continue
             d = 2 if k == "kid_clip" else 0
             cells.append(fmt(float(np.mean(v)), d) + (f" ({fmt(min(v), d)} to {fmt(max(v), d)})" if len(v) > 1 else ""))
-        worst = ", ".join(r["unlearned"]["retain_in_worst_value"] for r in recs)
+        worst = ", ".join(worst_value(r) for r in recs)
         meets = int(sum(f["meets_bar"] for f in figs))
         rows.append([concept, str(len(recs)), *cells, worst, f"{meets}/{len(recs)}"])
     header = ["concept", "seeds", *(evaluation.heading(k, short=True) for k in CONCEPT_COLUMNS),
-              "worst-hit values", "seeds meeting the bar"]
+              "worst-hit values", "seeds meeting its own bar"]
     return evaluation.markdown_table(header, rows)
 
 
@@ -480,8 +628,8 @@ def quality_scatter(records: dict) -> list[str]:
         within, means = [], []
         for m in evaluation.METHODS:
             for c in CONCEPTS:
-                v = [figures(records[(m, c, s)])[key] for s in SEEDS if (m, c, s) in records]
-                if len(v) == len(SEEDS):
+                v = [figures(r)[key] for (n, cc, _), r in records.items() if n == m and cc == c]
+                if len(v) == 3:
                     within.append(np.std(v, ddof=1))
                     means.append(np.mean(v))
         if len(means) > 1:
@@ -537,8 +685,8 @@ def tradeoff_figure(records: dict, path: Path, names: list[str] | None = None, n
         for f in figs:
             x, y = px(f["ua"], f["retain_in_drop"])
             d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=faint)
-        ua, ua_lo, ua_hi = interval([f["ua"] for f in figs])
-        dr, dr_lo, dr_hi = interval([f["retain_in_drop"] for f in figs])
+        ua, ua_lo, ua_hi = concept_interval(units_of(records, name, "ua"))
+        dr, dr_lo, dr_hi = concept_interval(units_of(records, name, "retain_in_drop"))
         x, y = px(ua, dr)
         if not math.isnan(ua_lo):
             d.line([px(ua_lo, dr), px(ua_hi, dr)], fill=col, width=2)
@@ -547,8 +695,78 @@ def tradeoff_figure(records: dict, path: Path, names: list[str] | None = None, n
         ly = top + 20 * i
         d.rectangle([w - right + 15, ly, w - right + 25, ly + 10], fill=col)
         d.text((w - right + 32, ly - 1), f"{name_label(name)} ({len(figs)})", fill="black")
-    d.text((w - right + 15, top + 20 * len(names) + 10), "square: mean, bars: 95%\ninterval, dots: runs",
+    d.text((w - right + 15, top + 20 * len(names) + 10), "square: mean, bars: 95%\ninterval over concepts,\ndots: runs",
            fill="black")
+    img.save(path, optimize=False)
+
+
+def heatmap_figure(records: dict, path: Path) -> None:
+    """Concept x method: UA and in-domain drop, each cell the 3-seed mean (left: white 0 to blue 100%;
+    right: white 0 to red 40+ points). Drawn with PIL, byte-identical on every machine."""
+    from PIL import Image, ImageDraw
+    names = [n for n in evaluation.METHODS if any(k[0] == n for k in records)]
+    cell, left, top, gap = 44, 130, 50, 30
+    w, h = left + 2 * len(CONCEPTS) * cell + gap + 10, top + len(names) * cell + 40
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    panels = [("UA (%): share of forget images without the concept", "ua", 100.0, (31, 119, 180)),
+              ("in-domain retain drop (points)", "retain_in_drop", 40.0, (214, 39, 40))]
+    for p_i, (title, key, top_value, col) in enumerate(panels):
+        x0 = left + p_i * (len(CONCEPTS) * cell + gap)
+        d.text((x0, 8), title, fill="black")
+        for j, concept in enumerate(CONCEPTS):
+            d.text((x0 + j * cell + 2, top - 14), concept[:7], fill="black")
+        for i, name in enumerate(names):
+            if p_i == 0:
+                d.text((6, top + i * cell + cell // 2 - 6), label(name).replace(" (baseline)", "*"), fill="black")
+            for j, concept in enumerate(CONCEPTS):
+                v = [f for (c, _), f in units_of(records, name, key).items() if c == concept]
+                box = [x0 + j * cell, top + i * cell, x0 + (j + 1) * cell - 2, top + (i + 1) * cell - 2]
+                if not v:
+                    d.rectangle(box, outline=(200, 200, 200))
+                    continue
+                m = float(np.mean(v))
+                a = min(max(m / top_value, 0.0), 1.0)
+                fill = tuple(int(255 - (255 - c) * a) for c in col)
+                d.rectangle(box, fill=fill)
+                d.text((box[0] + 6, box[1] + cell // 2 - 7), f"{m:.0f}", fill="white" if a > 0.6 else "black")
+    d.text((6, h - 22), "* baseline. Each cell: the mean over the seeds of that concept.", fill="black")
+    img.save(path, optimize=False)
+
+
+def forest_figure(claims: list[dict], path: Path) -> None:
+    """One row per claim with a verdict: the paired difference signed so that right of 0 is the claimed
+    side, the dot its mean, the thick bar the 95% interval, the thin line Holm's interval. Each row
+    has its own scale (the claims are in different units), symmetric around 0, its end printed.
+    Colour: the Holm verdict (green holds, red fails, grey inconclusive)."""
+    from PIL import Image, ImageDraw
+    rows = [c for c in claims if "holm_low" in c]
+    row_h, left, plot_w, top = 22, 520, 300, 40
+    w, h = left + plot_w + 80, top + row_h * len(rows) + 30
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    d.text((6, 8), "The claims: right of the line is the side each claim states (Holm's interval thin, 95% "
+                   "thick)", fill="black")
+    colours = {"holds": (44, 160, 44), "fails": (214, 39, 40), "inconclusive": (130, 130, 130)}
+    zero = left + plot_w / 2
+    d.line([(zero, top - 6), (zero, h - 24)], fill=(120, 120, 120))
+    for i, c in enumerate(rows):
+        y = top + i * row_h + row_h / 2
+        sign = c["direction"]
+        lo, hi, hlo, hhi = (sign * v for v in (c["low"], c["high"], c["holm_low"], c["holm_high"]))
+        lo, hi, hlo, hhi = min(lo, hi), max(lo, hi), min(hlo, hhi), max(hlo, hhi)
+        span = max(abs(hlo), abs(hhi), abs(lo), abs(hi), 1e-9) * 1.05
+
+        def px(v):
+            return zero + v / span * plot_w / 2
+        col = colours[c["holm_verdict"]]
+        text = f"{c['paper']}: {c['claim']}"
+        d.text((6, y - 6), text if len(text) <= 84 else text[:81] + "...", fill="black")
+        d.line([(px(hlo), y), (px(hhi), y)], fill=col, width=1)
+        d.line([(px(lo), y), (px(hi), y)], fill=col, width=4)
+        m = px(sign * c["mean"])
+        d.ellipse([m - 3, y - 3, m + 3, y + 3], fill="black")
+        d.text((left + plot_w + 6, y - 6), f"+-{span:.2g}", fill=(120, 120, 120))
     img.save(path, optimize=False)
 
 
@@ -571,7 +789,7 @@ def attack_section(records: dict) -> list[str]:
              "Attacked so far: " + ", ".join(f"{sum(1 for k in attacked if k[2] == s)} runs of seed {s}" for s in seeds)
              + " (which: the per-concept tables' ASR column). "
              "Control: the same attack against the base model"
-             + (" recovers the concept in " + fmt_interval([100 * r["asr"] for r in base.values()])
+             + (" recovers the concept in " + fmt_interval({u: 100 * r["asr"] for u, r in base.items()})
                 + f"% of its images (min {100 * min(r['asr'] for r in base.values()):.1f}%, "
                 f"{len(base)} (concept, seed) units)" if base else "") + "."
              + "".join(f" On {r['concept']} at seed {r['seed']} the control recovers {100 * r['asr']:.1f}%, below "
@@ -579,97 +797,177 @@ def attack_section(records: dict) -> list[str]:
                        "method's ASR on that unit is left out." for r in base.values() if r["asr"] < CONTROL_BAR), ""]
     rows = []
     for name in list(evaluation.METHODS) + list(VARIANTS):
-        figs = [figures(r) for (n, _, _), r in attacked.items() if n == name]
+        figs = {(c, s): figures(r) for (n, c, s), r in attacked.items() if n == name}
         if figs:
-            plain = [100 - f["ua"] for f in figs]
-            rows.append([label(name), str(len(figs)), fmt_interval(plain), fmt_interval([f["asr"] for f in figs]),
-                         fmt_interval([f["asr"] - p for f, p in zip(figs, plain)])])
+            rows.append([label(name), str(len(figs)), fmt_interval({u: 100 - f["ua"] for u, f in figs.items()}),
+                         fmt_interval({u: f["asr"] for u, f in figs.items()}),
+                         fmt_interval({u: f["asr"] - (100 - f["ua"]) for u, f in figs.items()})])
     header = ["method", "attacked runs", "concept in plain forget-prompt images (%, 100 - UA)",
               "concept in attack images (ASR, %)", "ASR minus (100 - UA) (pts)"]
     return lines + [evaluation.markdown_table(header, rows), ""]
 
 
-def write_docs(records: dict, docs: Path, command_note: str) -> None:
+def seed_set(records: dict, seeds: list[int]) -> dict:
+    return {k: r for k, r in records.items() if k[2] in seeds}
+
+
+def seeds_name(seeds: list[int]) -> str:
+    kind = "held-out test" if seeds == TEST_SEEDS else "development"
+    return f"{kind} seeds {seeds[0]}-{seeds[-1]}"
+
+
+def results_section(records: dict, seeds: list[int], heading: str) -> list[str]:
+    """The per-method, per-kind and noise-floor tables of one seed set."""
     methods = evaluation.METHODS
     names = [n for n in list(methods) + list(VARIANTS) if any(k[0] == n for k in records)]
     n_main = sum(1 for (n, _, _) in records if n in methods)
-    full = len(methods) * len(CONCEPTS) * len(SEEDS)
+    full = len(methods) * len(CONCEPTS) * len(seeds)
     total_time = sum(r["wall_time_s"] for (n, _, _), r in records.items() if n in methods)
-    base_recs = sorted(RECORDS.glob("base/*.json"))
-    base_time = sum(json.loads(p.read_text())["eval_time_s"] for p in base_recs)
-    lines = ["# Toy benchmark: every method and both baselines, 10 concepts x 3 seeds", "",
+    base_recs = [json.loads(p.read_text()) for p in sorted(RECORDS.glob("base/*.json"))]
+    base_recs = [r for r in base_recs if r["seed"] in seeds]
+    base_time = sum(r["eval_time_s"] for r in base_recs)
+    lines = [f"## {heading}", ""]
+    if n_main < full:
+        lines += [f"**Partial: {n_main} of the {full} runs are recorded.** The intervals below are over the "
+                  "concepts that exist; a method with fewer runs is measured on fewer concepts and seeds, so "
+                  "compare methods only in the claims table, which pairs runs on the same units.", ""]
+    lines += [method_table(records, names), ""]
+    old_kid = [k for k, r in records.items() if r.get("kid_estimator") != KID_ESTIMATOR]
+    if old_kid:
+        lines += [f"KID-CLIP of {len(old_kid)} of these runs (recorded before 2026-12-04) used the earlier "
+                  "estimator, which counted each base image's pair (same prompt, same seed) in its cross term: "
+                  "it reads about 0.1 too low for a model that changes each image little, so those KID-CLIP "
+                  "figures are comparable with each other, not with the unbiased ones.", ""]
+    lines += [f"Time: {total_time / 3600:.2f} h of runs ({n_main} runs, each training plus one evaluation) and "
+              f"{base_time / 60:.1f} min of base evaluations ({len(base_recs)}, shared by every method), "
+              "on the machines the records name.", "",
+              "Shapes and textures apart (the same runs; 6 shape and 4 texture concepts):", "",
+              kind_table(records, names), ""]
+    floors = [r["metrics"] for r in base_recs if "fd_clip_floor" in r["metrics"]]
+    if floors:
+        fl = {(r["concept"], r["seed"]): r["metrics"] for r in base_recs if "fd_clip_floor" in r["metrics"]}
+        lines += ["The noise floor of the image-quality figures: the base model against itself (same retain "
+                  "prompts, other seeds), over the (concept, seed) units: FD-CLIP "
+                  + fmt_interval({u: m["fd_clip_floor"] for u, m in fl.items()}) + ", KID-CLIP "
+                  + fmt_interval({u: m["kid_clip_floor"] for u, m in fl.items()}, 2)
+                  + ". A method's figure inside this range is indistinguishable from not changing the model."
+                  + (" (KID-CLIP here with the estimator its records name; the earlier one reads below 0.)"
+                     if any(r.get("kid_estimator") != KID_ESTIMATOR for r in base_recs) else ""), ""]
+    return lines
+
+
+def write_docs(records: dict, docs: Path, command_note: str) -> None:
+    methods = evaluation.METHODS
+    dev, test = seed_set(records, SEEDS), seed_set(records, TEST_SEEDS)
+    headline, headline_seeds = (test, TEST_SEEDS) if test else (dev, SEEDS)
+    names = [n for n in list(methods) + list(VARIANTS) if any(k[0] == n for k in headline)]
+    lines = ["# Toy benchmark: every method and the baselines, 10 concepts x 3 seeds", "",
              "Written by `python benchmarks/compare_toy.py --report-only` from the records in "
              "`benchmarks/records/` (one JSON per run; the command, the commit and the arguments of each "
              "are in it). " + command_note, ""]
-    if n_main < full:
-        lines += [f"**Partial: {n_main} of the {full} runs are recorded.** The intervals below are over the "
-                  "runs that exist; a method with fewer runs is measured on fewer concepts and seeds, so "
-                  "compare methods only in the claims table, which pairs runs on the same units.", ""]
     lines += ["Each run: the method's default toy settings, 64 images per group (forget, synonym, "
               "in-domain retain, cross-domain retain), judged by the toy judge; for a (concept, seed) every "
               "method is evaluated on the same prompts and evaluation seeds, against one base evaluation. "
-              "Drops are base - unlearned, in points. The worst in-domain value is the neighbour the method "
-              "damaged most in that run. Forget-prompt fidelity: of the forget images whose prompt names "
-              "another attribute (\"a red striped circle\"), the share in which the judge still reads those "
-              "attributes; degenerate: the share the judge calls \"other\" on every head. KID-CLIP: the "
-              "unbiased kernel distance between the retain images of the base and the unlearned model "
-              "(CLIP features); FD-CLIP: the Frechet distance, biased at this sample size (see "
-              "below). Intervals: mean [95% t-interval over the runs].", "",
-              "## Per method", ""]
-    lines += [method_table(records, names)]
-    lines += ["", f"Bar: UA >= {evaluation.BAR_UA:.0%} with in-domain retain at most "
-              + ", ".join(f"{100 * m['max_retain_drop']:.0f} ({label(k)})" for k, m in methods.items())
-              + " points below the base.", "",
-              f"Time: {total_time / 3600:.2f} h of runs ({n_main} runs, each training plus one evaluation) and "
-              f"{base_time / 60:.1f} min of base evaluations ({len(base_recs)}, shared by every method), "
-              "on the machines the records name.", "",
-              "![retain drop against UA, per method and per run](tradeoff.png)", ""]
-    floors = [json.loads(p.read_text())["metrics"] for p in base_recs]
-    floors = [f for f in floors if "fd_clip_floor" in f]
-    if floors:
-        lines += ["The noise floor of the image-quality figures: the base model against itself (same retain "
-                  "prompts, other seeds), over the (concept, seed) units: FD-CLIP "
-                  + fmt_interval([f["fd_clip_floor"] for f in floors]) + ", KID-CLIP "
-                  + fmt_interval([f["kid_clip_floor"] for f in floors], 2)
-                  + ". A method's figure inside this range is indistinguishable from not changing the model.", ""]
-    scatter = quality_scatter(records)
+              "Drops are base - unlearned, in points. The worst-value drop is the largest drop of any "
+              "in-domain value: the neighbour the method damaged most. Forget-prompt fidelity: of the forget "
+              "images whose prompt names another attribute (\"a red striped circle\"), the share in which the "
+              "judge still reads those attributes; degenerate: the share the judge calls \"other\" on every "
+              "head. KID-CLIP: the unbiased kernel distance between the retain images of the base and the "
+              "unlearned model (CLIP features); FD-CLIP: the Frechet distance, biased at this sample size "
+              "(see below). Intervals: mean [95% t-interval over the concepts]: the seeds of a concept are "
+              "averaged first, since they are not independent units. The common bar: UA >= "
+              f"{evaluation.COMMON_BAR['ua']:.0%}, in-domain and cross-domain retain each at most "
+              f"{100 * evaluation.COMMON_BAR['retain_in_drop']:.0f} points below the base.", ""]
+    if headline is dev:
+        lines += ["The held-out test seeds (3-5) are not recorded yet, so the tables below are the development "
+                  "seeds 0-2, on which every default was chosen: they may flatter the methods.", ""]
+    lines += results_section(headline, headline_seeds, f"Per method ({seeds_name(headline_seeds)})")
+    lines += ["![retain drop against UA, per method and per run](tradeoff.png)", "",
+              "![UA and in-domain drop per concept and method](heatmap.png)", ""]
+    if headline is test:
+        dev_names = [n for n in names if any(k[0] == n for k in dev)]
+        lines += ["## Development minus test: the optimism of our tuning", "",
+                  "Every default was chosen on seeds 0-2; seeds 3-5 were not looked at until the defaults were "
+                  "frozen. Each concept's development mean minus its test mean, interval over the concepts:", "",
+                  optimism_table(dev, test, dev_names), ""]
+        lines += results_section(dev, SEEDS, f"Per method ({seeds_name(SEEDS)}, where the defaults were tuned)")
+    scatter = quality_scatter(headline)
     if scatter:
         lines += ["## Which image-quality figure to trust", "",
                   "For every (method, concept) measured with 3 seeds: how much the figure moves between "
                   "seeds, against how much the 3-seed means differ between methods and concepts.", ""]
         lines += scatter + [""]
     lines += attack_section(records)
-    lines += ["## Per concept (3-seed mean, min to max in brackets)", ""]
+    lines += [f"## Per concept ({seeds_name(headline_seeds)}: 3-seed mean, min to max in brackets)", "",
+              "Own bar: UA >= " f"{evaluation.BAR_UA:.0%} with in-domain retain at most "
+              + ", ".join(f"{100 * m['max_retain_drop']:.0f} ({label(k)})" for k, m in methods.items())
+              + " points below the base (each paper's own standard).", ""]
     for name in names:
-        lines += [f"### {label(name)}", "", concept_table(records, name), ""]
+        lines += [f"### {label(name)}", "", concept_table(headline, name), ""]
     (docs / "results.md").write_text("\n".join(lines))
+    write_claims(records, docs)
+    tradeoff_figure({k: r for k, r in headline.items() if k[0] in methods}, docs / "tradeoff.png")
+    heatmap_figure(headline, docs / "heatmap.png")
 
-    claims = [check_claim(records, c) for c in CLAIMS]
+
+def claims_records(records: dict, claim) -> tuple[dict, list[int]]:
+    """A claim is judged on the test seeds once both its sides have them, else on the development seeds."""
+    sides = [claim[3]] + ([claim[4]] if isinstance(claim[4], str) else [])
+    test = seed_set(records, TEST_SEEDS)
+    if all(len({c for (n, c, _) in test if n == side}) >= 2 for side in sides):
+        return test, TEST_SEEDS
+    return seed_set(records, SEEDS), SEEDS
+
+
+def write_claims(records: dict, docs: Path) -> None:
+    claims = []
+    for c in CLAIMS:
+        recs, seeds = claims_records(records, c)
+        claims.append({**check_claim(recs, c), "seeds": seeds})
+    holm(claims)
+    changed = sum(c["verdict"] != c["holm_verdict"] for c in claims)
+    family = sum("holm_low" in c for c in claims)
     out = ["# The papers' claims, checked on the toy", "",
            "Written by `python benchmarks/compare_toy.py --report-only` from `benchmarks/records/`. Each row "
-           "pairs the two methods on the (concept, seed) units both were run on and gives the mean paired "
-           "difference (first method minus the other, or minus the stated figure) with its 95% t-interval. "
-           "Verdict: holds (the interval is on the claimed side of 0), fails (on the other side), "
-           "inconclusive (it crosses 0), not measured yet (fewer than 2 paired runs). In the rows \"within 5 "
-           "points\" the figure is the UA difference plus those 5 points, so the claim holds when the first "
-           "method forgets at most 5 points less than the other. Source: where the paper states the claim "
-           "(a summary of a paper is weaker evidence than its abstract or one of its tables; \"our reading\" "
-           "marks a claim this project infers from what the paper says the method contains). A claim that "
-           "fails on the toy is a finding about the toy and our reconstruction, reported as measured.", ""]
+           "pairs the two methods on the (concept, seed) units both were run on, averages each concept's "
+           "paired differences over its seeds (first method minus the other, or minus the stated figure), "
+           "and gives the mean over the concepts with its 95% t-interval (unadjusted) and with the interval "
+           "of Holm's correction over the claims table (family-wise 5%: the claim with the i-th smallest "
+           "p-value of m is tested at 5% / (m - i + 1)). Verdict (Holm): holds (the interval is on the "
+           "claimed side of 0, and every claim before it in Holm's order was resolved), fails (on the "
+           "other side), inconclusive (otherwise), not measured yet (fewer than 2 concepts). Image-quality "
+           "claims and \"2 vs 3 snapshots\" are made only on the units where both sides forget (UA >= 90%): "
+           f"with fewer than {MIN_FORGOTTEN_CONCEPTS} such concepts a claim is not testable; their difference "
+           "over every paired unit is shown beside, never as a verdict. In the rows \"within 5 points\" the "
+           "figure is the UA difference plus those 5 points. Seeds: the held-out test seeds 3-5 once both "
+           "sides have them, otherwise the development seeds 0-2 (where every default was tuned). Source: "
+           "where the paper states the claim (a summary of a paper is weaker evidence than its abstract or "
+           "one of its tables; \"our reading\" marks a claim this project infers from what the paper says the "
+           "method contains). A claim that fails on the toy is a finding about the toy and our "
+           "reconstruction, reported as measured.", "",
+           f"Holm changed {changed} of the {family} verdicts in its family.", "",
+           "![each claim's difference with its 95% and Holm intervals](forest.png)", ""]
     rows = []
     for c in claims:
         unit = "%" if c["metric"] in ("ua", "retain_in") else " points"
         against = label(c["against"]) if isinstance(c["against"], str) else f"the figure {c['against']:g}{unit}"
         diff = "-" if c["n"] == 0 else (fmt(c["mean"]) if math.isnan(c["low"]) else
                                         f"{fmt(c['mean'])} [{fmt(c['low'])}, {fmt(c['high'])}]")
-        rows.append([c["paper"], c["claim"], c["source"], against, str(c["n"]), diff, c["verdict"]])
-    header = ["paper", "claim", "source", "against", "paired runs", "mean difference [95% interval]", "verdict"]
+        adjusted = f"[{fmt(c['holm_low'])}, {fmt(c['holm_high'])}]" if "holm_low" in c else "-"
+        unmatched = "-"
+        if c["unmatched"] is not None and not math.isnan(c["unmatched"][0]):
+            m, lo, hi = c["unmatched"]
+            unmatched = fmt(m) if math.isnan(lo) else f"{fmt(m)} [{fmt(lo)}, {fmt(hi)}]"
+        rows.append([c["paper"], c["claim"], c["source"], against, f"{c['seeds'][0]}-{c['seeds'][-1]}",
+                     f"{c['n']} ({c['n_units']})", diff, adjusted, c["verdict"], c["holm_verdict"], unmatched])
+    header = ["paper", "claim", "source", "against", "seeds", "concepts (runs)", "mean difference [95% interval]",
+              "Holm interval", "verdict (unadjusted)", "verdict (Holm)", "every paired unit, forgotten or not"]
     out += [evaluation.markdown_table(header, rows)]
     out += ["", "Variants (`python benchmarks/compare_toy.py --methods <variant>`): " + "; ".join(
         f"`{v}` = {label(v)}" for v in VARIANTS) + ". A claim on a variant reads \"not measured yet\" until "
         "its runs are recorded."]
     (docs / "claims.md").write_text("\n".join(out) + "\n")
-    tradeoff_figure({k: r for k, r in records.items() if k[0] in methods}, docs / "tradeoff.png")
+    forest_figure(claims, docs / "forest.png")
 
 
 def compare_grid(path: Path, concepts=("circle", "striped"), seed: int = 0, n_seeds: int = 2) -> bool:
@@ -708,25 +1006,30 @@ def main():
                    "that have none yet, instead of training")
     p.add_argument("--docs", default="docs/results", help="where results.md, claims.md, tradeoff.png and "
                    "compare.png go")
+    p.add_argument("--shard", metavar="K/N", help="run only the K-th of N deterministic slices of the (seed, "
+                   "concept) units, e.g. one per machine of a job array; the records merge by git")
+    p.add_argument("--allow-dirty", action="store_true", help="run from a tree with uncommitted code changes "
+                   "(development only: such records are marked and never enter the headline)")
     args = p.parse_args()
+    units = shard([(seed, concept) for seed in args.seeds for concept in args.concepts], args.shard)
+    if not args.report_only:
+        require_clean_tree(args.allow_dirty)
     if args.attack and not args.report_only:
         attacker, started, made = None, time.time(), 0
-        for seed in args.seeds:
-            for concept in args.concepts:
-                for name in ["base"] + args.methods:
-                    attacker = attacker or Attacker()
-                    made += attacker.one(name, concept, seed) is not None
+        for seed, concept in units:
+            for name in ["base"] + args.methods:
+                attacker = attacker or Attacker()
+                made += attacker.one(name, concept, seed) is not None
         print(f"{made} attacks made in {(time.time() - started) / 60:.1f} min")
     elif not args.report_only:
         ev, started, made = None, time.time(), 0
         # concept and seed outermost: each base evaluation is made once and every method reuses it
-        for seed in args.seeds:
-            for concept in args.concepts:
-                for name in args.methods:
-                    if record_path(name, concept, seed).exists():
-                        continue
-                    ev = ev or Evaluator()
-                    made += run_method(name, concept, seed, ev) is not None
+        for seed, concept in units:
+            for name in args.methods:
+                if record_path(name, concept, seed).exists():
+                    continue
+                ev = ev or Evaluator()
+                made += run_method(name, concept, seed, ev) is not None
         print(f"{made} runs made in {(time.time() - started) / 60:.1f} min ({os.cpu_count()} CPU cores, "
               f"{platform.machine()}, {datetime.date.today()})")
         if compare_grid(ROOT / args.docs / "compare.png"):

@@ -26,7 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import eval as evaluation  # noqa: E402
-from benchmarks.compare_toy import commit, fmt, interval, write_json  # noqa: E402
+from benchmarks.compare_toy import (KID_ESTIMATOR, commit, concept_interval, fmt, require_clean_tree, shard,  # noqa: E402
+                                     unet_sha256, write_json)
 from toy import world  # noqa: E402
 
 SNAPSHOTS = "toy/uncond/snapshots"
@@ -59,6 +60,7 @@ def run(variant: str, shape: str, seed: int) -> dict | None:
     run_json = json.loads((out / "run.json").read_text())
     rec = {"variant": variant, "concept": shape, "seed": seed, "commit": commit(),
            "command": " ".join(["python", "vdu.py", *args]), "args": run_json["args"],
+           "unet_sha256": unet_sha256(out / "unet"), "kid_estimator": KID_ESTIMATOR,
            "wall_time_s": metrics["wall_time_s"], "eval_time_s": metrics["eval_time_s"], "metrics": metrics}
     write_json(RECORDS / variant / f"{shape}-seed{seed}.json", rec)
     m = metrics
@@ -99,7 +101,8 @@ def report(records: dict, seeds: list[int]) -> str:
              "judge's shape head. Shares before and after are on the same noise seeds; FD-CLIP compares a "
              "model's samples with 512 base samples on other seeds, so the base model's own figure is the "
              "noise. Bar: the class at most a tenth of its base share, no other shape losing more than a "
-             "quarter of its share, FD-CLIP within the noise. Means with 95% t-intervals over the runs.", ""]
+             "quarter of its share, FD-CLIP within the noise. Means with 95% t-intervals over the shapes (each "
+             "shape's seeds averaged first: they are not independent units).", ""]
     base = [r["metrics"]["base"]["share"] for (v, _, _), r in records.items() if v == "default"]
     if base:
         lines += ["## The base model's classes", "",
@@ -112,20 +115,23 @@ def report(records: dict, seeds: list[int]) -> str:
     lines += ["## Per variant", ""]
     rows = []
     for v, (what, _) in VARIANTS.items():
-        recs = [r["metrics"] for (name, _, _), r in records.items() if name == v]
+        recs = {(c, s): r for (name, c, s), r in records.items() if name == v}
         if not recs:
             rows.append([f"`{v}`: {what}", "0"] + ["-"] * 6)
             continue
-        ratio = [m["unlearned"]["share"][m["concept"]] / max(m["base"]["share"][m["concept"]], 1e-9) for m in recs]
-        rows.append([f"`{v}`: {what}", str(len(recs)),
-                     fmt_pct_interval([m["unlearned"]["share"][m["concept"]] for m in recs]),
-                     fmt_interval_plain(ratio, 2),
-                     fmt_pct_interval([worst_other_loss(m) for m in recs]),
-                     fmt_interval_plain([m["unlearned"]["fd_clip"] - m["base"]["fd_clip"] for m in recs], 2),
-                     f"{sum(m['meets_class_bar'] for m in recs)}/{len(recs)}",
-                     fmt_interval_plain([r["wall_time_s"] for (name, _, _), r in records.items() if name == v], 0)])
+
+        def cell(f, digits=1, scale=1.0):  # the interval over shapes, each shape's seeds averaged first
+            return fmt_interval_plain({u: scale * f(r["metrics"], r) for u, r in recs.items()}, digits)
+        rows.append([f"`{v}`: {what}", f"{len(recs)} ({len({c for c, _ in recs})})",
+                     cell(lambda m, r: m["unlearned"]["share"][m["concept"]], scale=100),
+                     cell(lambda m, r: m["unlearned"]["share"][m["concept"]] / max(m["base"]["share"][m["concept"]],
+                                                                                  1e-9), 2),
+                     cell(lambda m, r: worst_other_loss(m), scale=100),
+                     cell(lambda m, r: m["unlearned"]["fd_clip"] - m["base"]["fd_clip"], 2),
+                     f"{sum(r['metrics']['meets_class_bar'] for r in recs.values())}/{len(recs)}",
+                     cell(lambda m, r: r["wall_time_s"], 0)])
     lines += [evaluation.markdown_table(
-        ["variant", "runs", "class share after (%)", "after / before", "worst other shape's loss (%)",
+        ["variant", "runs (shapes)", "class share after (%)", "after / before", "worst other shape's loss (%)",
          "FD-CLIP minus noise", "bar met", "wall time (s)"], rows), ""]
     lines += ["## Per shape (class share before -> after, %, one entry per seed)", ""]
     shape_rows = []
@@ -141,12 +147,9 @@ def report(records: dict, seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
-def fmt_pct_interval(values: list[float]) -> str:
-    return fmt_interval_plain([100 * v for v in values], 1)
-
-
-def fmt_interval_plain(values: list[float], digits: int) -> str:
-    mean, low, high = interval(values)
+def fmt_interval_plain(units: dict, digits: int) -> str:
+    """{(shape, seed): value} -> "mean [low, high]" over the shapes, each shape's seeds averaged first."""
+    mean, low, high = concept_interval(units)
     if low != low:  # one value
         return fmt(mean, digits)
     return f"{fmt(mean, digits)} [{fmt(low, digits)}, {fmt(high, digits)}]"
@@ -158,10 +161,15 @@ def main():
     p.add_argument("--shapes", nargs="+", default=list(world.SHAPES), choices=list(world.SHAPES))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--report-only", action="store_true", help="write the page from the records, run nothing")
+    p.add_argument("--shard", metavar="K/N", help="only the K-th of N deterministic slices of the runs (one "
+                   "per machine); the records merge by git")
+    p.add_argument("--allow-dirty", action="store_true", help="run from a tree with uncommitted code changes "
+                   "(development only: the records' commit says \"+changes\")")
     args = p.parse_args()
     if not args.report_only:
-        todo = [(v, s, k) for k in args.seeds for v in args.variants for s in args.shapes
-                if not (RECORDS / v / f"{s}-seed{k}.json").exists()]
+        require_clean_tree(args.allow_dirty)
+        every = shard([(v, s, k) for k in args.seeds for v in args.variants for s in args.shapes], args.shard)
+        todo = [(v, s, k) for v, s, k in every if not (RECORDS / v / f"{s}-seed{k}.json").exists()]
         print(f"{len(todo)} runs to do")
         for v, s, k in todo:
             run(v, s, k)

@@ -117,12 +117,36 @@ def test_kernel_distance_is_unbiased_and_matches_a_loop():
     within_b = sum(k(b[i], b[j]) for i in range(5) for j in range(5) if i != j) / 20
     cross = sum(k(a[i], b[j]) for i in range(7) for j in range(5)) / 35
     assert abs(ev.kernel_distance(a, b) - (within_a + within_b - 2 * cross)) < 1e-9
+    # equal sizes: the sets are laid out alike, so the pairs (a_i, b_i) leave the cross term too
+    b = b[:5].repeat(2, 1)[:7] + 0.1
+    within_b = sum(k(b[i], b[j]) for i in range(7) for j in range(7) if i != j) / 42
+    cross = sum(k(a[i], b[j]) for i in range(7) for j in range(7) if i != j) / 42
+    assert abs(ev.kernel_distance(a, b) - (within_a + within_b - 2 * cross)) < 1e-9
     # two samples of one distribution: 0 on average (FD is biased upwards at this sample size)
     same = [ev.kernel_distance(torch.randn(64, 16, generator=g), torch.randn(64, 16, generator=g)) for _ in range(40)]
     fd = [ev.frechet_distance(torch.randn(64, 16, generator=g), torch.randn(64, 16, generator=g)) for _ in range(40)]
     shifted = ev.kernel_distance(torch.randn(64, 16, generator=g), torch.randn(64, 16, generator=g) + 0.5)
     assert abs(np.mean(same)) < 3 * np.std(same) / np.sqrt(40) and shifted > 10 * np.std(same)
     assert np.mean(fd) > 10 * np.std(fd) / np.sqrt(40)
+
+
+def test_kernel_distance_of_a_model_against_itself_is_0_on_average_when_images_share_prompts():
+    # image i of both sets has the same prompt (its shared part p_i) and its own noise: one
+    # distribution, so an unchanged model must score 0 on average. Counting the pairs (a_i, b_i) in
+    # the cross term (the estimator before 2026-12-04) scores it below 0, as the toy's base
+    # against itself did (-0.11): a bias toward methods that change each image little.
+    g = torch.Generator().manual_seed(1)
+    new, old = [], []
+    for _ in range(60):
+        p = torch.randn(64, 16, generator=g)
+        a, b = p + 0.7 * torch.randn(64, 16, generator=g), p + 0.7 * torch.randn(64, 16, generator=g)
+        new.append(ev.kernel_distance(a, b))
+        k = [(x.double() @ y.double().T / 16 + 1) ** 3 for x, y in ((a, a), (b, b), (a, b))]
+        off = [(m.sum() - m.diagonal().sum()) / (64 * 63) for m in k[:2]]
+        old.append(float(off[0] + off[1] - 2 * k[2].mean()))
+    noise = np.std(new) / np.sqrt(len(new))
+    assert abs(np.mean(new)) < 3 * noise, (np.mean(new), noise)
+    assert np.mean(old) < -10 * np.std(old) / np.sqrt(len(old)), np.mean(old)
 
 
 def test_forget_fidelity_reads_the_other_attributes_and_counts_degenerate_images(toy_models):

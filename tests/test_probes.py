@@ -114,3 +114,12 @@ def test_gradient_agreement_by_step_compares_two_batches(probe, capsys):
     probe("gradient_agreement_by_step", "--trajectories", "2", "--batches", "2")
     rows = table_rows(capsys.readouterr().out)
     assert [r[0] for r in rows] == ["all steps", "noisiest half", "least noisy half", "last step only"]
+
+
+@pytest.mark.slow(6)
+def test_kid_bias_compares_the_two_estimators_on_the_base_model(probe, capsys):
+    # eval.eval_set, eval.kernel_distance, the seed blocks "eval" and "noise_floor"
+    probe("kid_bias", "--concepts", "circle", "--seeds", "0", "--n-images", "4")
+    rows = table_rows(capsys.readouterr().out)
+    assert [r[:2] for r in rows] == [["circle", "0"], ["mean (95%)", "1 units"]]
+    assert all(float(c) == float(c) for c in rows[0][2:])  # two finite figures
