@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Args, dict]:
         raise common.UsageError(f"--run {args.run!r} is not a saved run: give a folder with unet/ and run.json "
                                 "(what pure.py, esd.py ... write, e.g. outputs/pure-circle).")
     run = json.loads((folder / "run.json").read_text())
-    common.fill_defaults(args, TOY_DEFAULTS if run["args"]["model"] == "toy" else SD_DEFAULTS)
+    common.fill_defaults(args, TOY_DEFAULTS if run["base_model"] == "toy" else SD_DEFAULTS)
     common.check_ranges(args)
     if not args.overwrite and any((folder / f).exists() for f in ("attack.json", "attack.png")):
         raise common.UsageError(f"{folder} already holds an attack (attack.json); pass --overwrite to redo it.")
@@ -134,7 +134,8 @@ def setup(args: Args, run: dict):
     """Seed and device, the base models (`models.unet` is the base UNet), the prompt set of the
     run's concept, and the run's unlearned UNet, frozen and only read."""
     device, dtype = common.seed_and_device(args.seed, args.device, args.mixed_precision)
-    models = common.load_models(run["args"]["model"], device, dtype, args.sample_batch_size)
+    # the original base model (a chained run's run.json names it, not the run it continued)
+    models = common.load_models(run["base_model"], device, dtype, args.sample_batch_size)
     ps = common.concept_prompts(run["args"]["concept"], models, common.read_prompt_list(run["args"].get("forget_prompts")))
     unet = common.load_unet(Path(args.run) / "unet", device).requires_grad_(False)
     models.unet.eval().requires_grad_(False)

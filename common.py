@@ -70,7 +70,13 @@ class Models:
     sample_steps: int = 50
     guidance_scale: float = 7.5
     sample_batch_size: int = 64  # prompts per sampling batch (load_models sets it)
+    chain: list = field(default_factory=list)  # the saved runs this model continues (chaining), oldest first
     _prompt_cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def erased(self) -> list[str]:
+        """The concepts earlier runs of the chain erased: never retain prompts again."""
+        return [run["concept"] for run in self.chain]
 
     @property
     def is_toy(self) -> bool:
@@ -95,6 +101,13 @@ def load_models(model: str, device: torch.device, dtype: torch.dtype = torch.flo
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    run = saved_run(model)
+    if run is not None:  # chaining: the base model the run names, with the run's UNet in its place
+        models = load_models(run["base_model"], device, dtype, sample_batch_size, unconditional_ok)
+        models.unet = load_unet(Path(model) / "unet", device)
+        models.chain = run.get("chain", []) + [{"run": str(model), "method": run.get("method"),
+                                                "concept": run["args"]["concept"]}]
+        return models
     path, toy = resolve_model(model)
     kw = dict(use_safetensors=True)
     if is_unconditional(path):
@@ -126,6 +139,22 @@ def load_models(model: str, device: torch.device, dtype: torch.dtype = torch.flo
         models.sample_steps = toy["recommended"]["num_inference_steps"]
         models.guidance_scale = toy["recommended"]["guidance_scale"]
     return models
+
+
+def saved_run(model: str) -> dict | None:
+    """The run.json of a saved run folder given as --model (unet/ and run.json, no pipeline of its
+    own: the run continues from it), else None."""
+    folder = Path(model)
+    if (folder / "run.json").exists() and (folder / "unet").is_dir() and not (folder / "model_index.json").exists():
+        return json.loads((folder / "run.json").read_text())
+    return None
+
+
+def base_model_name(model: str) -> str:
+    """The base model behind --model, as a method's defaults see it: a saved run folder stands for
+    the base model its run.json names ('toy', a hub id, a folder); any other name is itself."""
+    run = saved_run(model)
+    return run["base_model"] if run else model
 
 
 def is_unconditional(path: str) -> bool:
@@ -507,8 +536,16 @@ def image_seeds(seed: int, which: str, n: int) -> list[int]:
 
 def concept_prompts(concept: str, models: Models, forget: list[str] | None = None,
                     retain: list[str] | None = None) -> PromptSet:
-    """Turn `--concept` into forget / retain prompt sets (user lists override the defaults)."""
+    """Turn `--concept` into forget / retain prompt sets (user lists override the defaults). A model
+    that continues earlier runs (chaining) keeps none of their erased concepts among its retain
+    prompts: what was erased before is not to be kept now."""
     ps = prompt_set(concept, models.toy)
+    if models.erased:
+        def keeps(prompt: str) -> bool:  # names no erased concept (a toy word, or part of an SD prompt)
+            return all(c.lower() not in (prompt.split() if models.is_toy else prompt.lower()) for c in models.erased)
+        ps.retain = [p for p in ps.retain if keeps(p)]
+        ps.retain_in = [r for r in ps.retain_in if keeps(r[0])]
+        ps.retain_cross = [r for r in ps.retain_cross if keeps(r[0])]
     if forget:
         ps.forget = list(forget)
     if retain:
@@ -534,7 +571,7 @@ def prompt_set(concept: str, toy: dict | None) -> PromptSet:
 def concept_kind(concept: str, model: str) -> str:
     """The kind of `concept` on `model` (toy: shape/colour/texture; SD: object/style/nudity),
     known before any weights load (a method's defaults can depend on it)."""
-    return prompt_set(concept, resolve_model(model)[1]).kind
+    return prompt_set(concept, resolve_model(base_model_name(model))[1]).kind
 
 
 def toy_caption(shape: str | None = None, colour: str | None = None, texture: str | None = None) -> str:
@@ -962,6 +999,8 @@ def save_run(folder: Path, unet: torch.nn.Module, args, models: Models, started:
         unet.to(torch.float16)  # halves the file; diffusers loads it as it is, or cast with torch_dtype
     unet.save_pretrained(folder / "unet", safe_serialization=True)
     run = {"args": dataclasses.asdict(args), "base_model": models.name, "base_model_path": models.path,
+           # chaining: the saved runs this one continued, oldest first (the base model is the original)
+           **({"chain": models.chain} if models.chain else {}),
            "versions": versions(), "device": str(models.device),
            "wall_time_s": round(time.time() - started, 1),
            "peak_memory_mb": round(peak_memory_mb(models.device), 1), **extra}

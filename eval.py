@@ -516,7 +516,33 @@ def report(models: common.Models, ps: common.PromptSet, unet=None, base_unet=Non
         out["unlearned"] = new_m
         if grid_path:
             before_after(base_imgs, new_imgs, es, grid_path)
+        if models.chain:
+            out["earlier"] = earlier_concepts(models, unet, base_unet or models.unet, judge, n, seed)
     out["eval_time_s"] = round(time.time() - t0, 1)
+    return out
+
+
+def earlier_concepts(models: common.Models, unet, base_unet, judge: Judge, n: int, seed: int) -> dict:
+    """A chained run (one that continued earlier runs): for each concept an earlier run erased, its
+    UA and synonym UA now, in the original base model, and right after its own run (that run's
+    metrics.json, if it evaluated): a concept whose UA falls back has resurged."""
+    out = {}
+    for run in models.chain:
+        ps = common.prompt_set(run["concept"], models.toy)
+        es = eval_set(ps, n, seed)
+        for g in ("retain_in", "retain_cross"):  # only the forget and synonym groups are asked about
+            es.groups.pop(g, None), es.targets.pop(g, None), es.seeds.pop(g, None)
+        row = {}
+        for name, u in (("base", base_unet), ("now", unet)):
+            images = generate(models, u, es)
+            answers = judge_groups(judge, images, es)
+            row[name] = {("ua" if g == "forget" else "ua_synonym"): unlearning_accuracy(pred, ps.concept)
+                         for g, (pred, _) in answers.items()}
+        own = Path(run["run"]) / "metrics.json"
+        if own.exists():
+            m = json.loads(own.read_text()).get("unlearned", {})
+            row["after_its_run"] = {k: m[k] for k in ("ua", "ua_synonym") if k in m}
+        out[ps.concept] = row
     return out
 
 
@@ -610,7 +636,9 @@ def save_and_report(folder: Path, models: common.Models, ps: common.PromptSet, u
         common.save_run(folder, unet, args, models, started, **extra)
         print("evaluation skipped (--n-eval-images 0)")
         return {}
-    metrics = report(models, ps, unet, unet_ref, n, seed, folder / "before_after.png")
+    # a chained run is measured against the original base model, not the run it continued from
+    base = common.load_unet(models.path, models.device) if models.chain else unet_ref
+    metrics = report(models, ps, unet, base, n, seed, folder / "before_after.png")
     metrics["wall_time_s"] = round(time.time() - started, 1)
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=1))
     common.save_run(folder, unet, args, models, started, **extra)
@@ -624,7 +652,13 @@ def format_table(metrics: dict) -> str:
     cols = ["ua", "ua_synonym", "retain_in", "retain_in_worst", "retain_cross", "forget_fidelity",
             "forget_degenerate", "clip_forget", "clip_retain", "fd_clip", "kid_clip"]
     rows = [("base", metrics["base"])] + ([("unlearned", metrics["unlearned"])] if "unlearned" in metrics else [])
-    return _table(rows, cols) + "\n" + _footer(metrics)
+    text = _table(rows, cols) + "\n" + _footer(metrics)
+    for concept, row in metrics.get("earlier", {}).items():  # a chained run: the concepts erased before
+        after = row.get("after_its_run", {}).get("ua")
+        text += (f"\nerased earlier, {concept}: UA {row['base']['ua']:.1%} in the base, "
+                 + (f"{after:.1%} after its own run, " if after is not None else "")
+                 + f"{row['now']['ua']:.1%} now (synonym UA {row['now'].get('ua_synonym', float('nan')):.1%})")
+    return text
 
 
 def _fmt(key, v):
@@ -744,6 +778,7 @@ def main():
             raise common.UsageError(f"{run_dir} is not a run folder (no run.json).")
         run = json.loads((run_dir / "run.json").read_text())
         models = common.load_models(run["base_model"], device, dtype, args.sample_batch_size, unconditional_ok=True)
+        models.chain = run.get("chain", [])  # a chained run: its earlier concepts are reported too
         ps = common.concept_prompts(run["args"]["concept"], models,
                                     common.read_prompt_list(run["args"].get("forget_prompts")),
                                     common.read_prompt_list(run["args"].get("retain_prompts")))

@@ -62,7 +62,7 @@ TOY_DEFAULTS = dict(epochs=30, lr=3e-4, n_forget=64, batch_size=16)
 def parse_args(argv: list[str] | None = None) -> Args:
     """The command line, with the toy or the SD column filled in and every number checked."""
     args = common.parse_args(Args, argv)
-    common.fill_defaults(args, TOY_DEFAULTS if args.model == "toy" else SD_DEFAULTS)
+    common.fill_defaults(args, TOY_DEFAULTS if common.base_model_name(args.model) == "toy" else SD_DEFAULTS)
     common.check_ranges(args)
     return args
 

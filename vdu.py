@@ -111,15 +111,16 @@ def parse_args(argv: list[str] | None = None) -> Args:
     """The command line, with the toy or the SD column filled in and every number checked. On the
     toy, --precision-from checkpoints defaults to the snapshot UNets the toy world ships."""
     args = common.parse_args(Args, argv)
-    common.fill_defaults(args, DEFAULTS.get(args.model, SD_DEFAULTS))
+    base = common.base_model_name(args.model)  # a saved run continues from the model it names
+    common.fill_defaults(args, DEFAULTS.get(base, SD_DEFAULTS))
     common.check_ranges(args)
     if args.precision_from == "checkpoints" and not args.checkpoints:
-        if args.model not in DEFAULTS:
+        if base not in DEFAULTS:
             raise common.UsageError("--precision-from checkpoints needs --checkpoints (e.g. the SD v1.x "
                                     "family); or use --precision-from fisher.")
-        snapshots = common.TOY_DIR / ("snapshots" if args.model == "toy" else "uncond/snapshots")
+        snapshots = common.TOY_DIR / ("snapshots" if base == "toy" else "uncond/snapshots")
         args.checkpoints = [str(p) for p in sorted(snapshots.iterdir())]
-    if args.model == "toy-uncond" and args.train != "full":
+    if base == "toy-uncond" and args.train != "full":
         raise common.UsageError("an unconditional model has no cross-attention: use --train full with toy-uncond.")
     return args
 
@@ -289,7 +290,8 @@ def train(args: Args, models: common.Models, unet_ref, params, anchor, precision
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     started = time.time()
-    out = args.output_dir or common.default_output_dir("vdu-uncond" if args.model == "toy-uncond" else "vdu",
+    uncond = common.base_model_name(args.model) == "toy-uncond"
+    out = args.output_dir or common.default_output_dir("vdu-uncond" if uncond else "vdu",
                                                        args.concept)
     with common.output_folder(out, args.overwrite) as folder:
         models, ps, unet_ref, params, anchor, precision = setup(args)

@@ -84,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> Args:
     """The command line, with the toy or the SD column filled in and every number checked; --train
     follows the concept's kind, and on the toy --lr follows --train."""
     args = common.parse_args(Args, argv)
-    common.fill_defaults(args, TOY_DEFAULTS if args.model == "toy" else SD_DEFAULTS)
+    common.fill_defaults(args, TOY_DEFAULTS if common.base_model_name(args.model) == "toy" else SD_DEFAULTS)
     args.train = args.train or TRAIN_BY_KIND[common.concept_kind(args.concept, args.model)]
     args.lr = args.lr or TOY_LR[args.train]  # SD's lr is in SD_DEFAULTS
     common.check_ranges(args)

@@ -83,7 +83,7 @@ TOY_DEFAULTS = dict(train="xattn", steps=35, lr=1e-4, batch_size=8, n_forget=64)
 def parse_args(argv: list[str] | None = None) -> Args:
     """The command line, with the toy or the SD column filled in and every number checked."""
     args = common.parse_args(Args, argv)
-    common.fill_defaults(args, TOY_DEFAULTS if args.model == "toy" else SD_DEFAULTS)
+    common.fill_defaults(args, TOY_DEFAULTS if common.base_model_name(args.model) == "toy" else SD_DEFAULTS)
     common.check_ranges(args)
     return args
 

@@ -122,7 +122,7 @@ def test_sd_path_loads_samples_and_selects_parameters_by_real_sd_names(tiny_sd):
 
 def test_sd_prompt_sets_cover_objects_styles_and_nudity():
     class NotToy:
-        is_toy, toy = False, None
+        is_toy, toy, erased = False, None, []
     van_gogh = common.concept_prompts("Van Gogh", NotToy())
     assert van_gogh.kind == "style" and all("Van Gogh" in p for p in van_gogh.forget)
     assert not any("Van Gogh" in p for p, _ in van_gogh.retain_in) and van_gogh.synonym
