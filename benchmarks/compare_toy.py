@@ -642,60 +642,75 @@ def quality_scatter(records: dict) -> list[str]:
                                        "sd across pairs of the 3-seed means", "ratio (lower: more stable)"], rows)]
 
 
-def tradeoff_figure(records: dict, path: Path, names: list[str] | None = None, name_label=None) -> None:
+def tradeoff_figure(records: dict, path: Path, names: list[str] | None = None, name_label=None,
+                    zoom: tuple | None = (80.0, 100.0, -5.0, 25.0)) -> None:
     """In-domain retain drop (y) against UA (x): faint dots for single runs, one marker per method
-    (or the given names, e.g. search candidates) at its mean with 95% intervals as error bars. Drawn
-    with PIL (no plotting dependency) so that it is byte-identical on every machine."""
+    (or the given names, e.g. search candidates) at its mean with 95% intervals over concepts as
+    error bars; on the right, the same at a larger scale where most methods crowd (`zoom`: UA and
+    drop ranges; None for none). Drawn with PIL (no plotting dependency) so that it is
+    byte-identical on every machine."""
     names, name_label = list(evaluation.METHODS) if names is None else names, name_label or label
     from PIL import Image, ImageDraw
-    w, h, left, right, top, bottom = 760, 520, 70, 200, 30, 60
+    main_w, zoom_w, h, legend = 560, 340 if zoom else 0, 520, 200
+    w = main_w + legend + zoom_w
     img = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(img)
-    x0, x1, y0, y1 = 0.0, 100.0, -10.0, 60.0  # UA %, drop in points
+    y0, y1 = -10.0, 60.0  # drop in points
     drops = [figures(r)["retain_in_drop"] for r in records.values()]
     if drops:
         y1 = max(y1, 10 * math.ceil(max(drops) / 10))
         y0 = min(y0, 10 * math.floor(min(drops) / 10))
-
-    def px(x, y):  # data -> pixels, clipped to the plot area (an interval of 2 runs is wide)
-        x, y = min(max(x, x0), x1), min(max(y, y0), y1)
-        return (left + (x - x0) / (x1 - x0) * (w - left - right), top + (y - y0) / (y1 - y0) * (h - top - bottom))
-
-    for x in range(0, 101, 10):
-        a, _ = px(x, y0)
-        d.line([(a, top), (a, h - bottom)], fill=(235, 235, 235))
-        d.text((a - 8, h - bottom + 6), f"{x}", fill="black")
-    for y in range(int(y0), int(y1) + 1, 10):
-        _, b = px(x0, y)
-        d.line([(left, b), (w - right, b)], fill=(235, 235, 235) if y else (150, 150, 150))
-        d.text((left - 30, b - 6), f"{y}", fill="black")
-    bar_x, _ = px(evaluation.BAR_UA * 100, y0)
-    d.line([(bar_x, top), (bar_x, h - bottom)], fill=(150, 150, 150))
-    d.text((left + 150, h - 22), "UA (%): share of forget images without the concept ->", fill="black")
-    d.text((6, 8), "in-domain retain drop (points, base - unlearned): up is better", fill="black")
-    d.text((bar_x + 4, h - bottom - 14), "UA bar", fill=(120, 120, 120))
     colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (110, 110, 110), (148, 103, 189),
                (140, 86, 75), (227, 119, 194)]
-    for i, name in enumerate(names):
-        figs = [figures(r) for (n, _, _), r in records.items() if n == name]
-        if not figs:
-            continue
-        col = colours[i % len(colours)]
-        faint = tuple(int(c + (255 - c) * 0.65) for c in col)
-        for f in figs:
-            x, y = px(f["ua"], f["retain_in_drop"])
-            d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=faint)
-        ua, ua_lo, ua_hi = concept_interval(units_of(records, name, "ua"))
-        dr, dr_lo, dr_hi = concept_interval(units_of(records, name, "retain_in_drop"))
-        x, y = px(ua, dr)
-        if not math.isnan(ua_lo):
-            d.line([px(ua_lo, dr), px(ua_hi, dr)], fill=col, width=2)
-            d.line([px(ua, dr_lo), px(ua, dr_hi)], fill=col, width=2)
-        d.rectangle([x - 5, y - 5, x + 5, y + 5], fill=col)
-        ly = top + 20 * i
-        d.rectangle([w - right + 15, ly, w - right + 25, ly + 10], fill=col)
-        d.text((w - right + 32, ly - 1), f"{name_label(name)} ({len(figs)})", fill="black")
-    d.text((w - right + 15, top + 20 * len(names) + 10), "square: mean, bars: 95%\ninterval over concepts,\ndots: runs",
+    shown = [(i, n) for i, n in enumerate(names) if any(k[0] == n for k in records)]
+
+    def panel(box, x0, x1, y0, y1, step_x, step_y, dots):
+        left, top, right, bottom = box
+
+        def px(x, y):  # data -> pixels, clipped to the panel (an interval of 2 runs is wide)
+            x, y = min(max(x, x0), x1), min(max(y, y0), y1)
+            return left + (x - x0) / (x1 - x0) * (right - left), top + (y - y0) / (y1 - y0) * (bottom - top)
+        for x in range(int(x0), int(x1) + 1, step_x):
+            a, _ = px(x, y0)
+            d.line([(a, top), (a, bottom)], fill=(235, 235, 235))
+            d.text((a - 8, bottom + 6), f"{x}", fill="black")
+        for y in range(int(y0), int(y1) + 1, step_y):
+            _, b = px(x0, y)
+            d.line([(left, b), (right, b)], fill=(235, 235, 235) if y else (150, 150, 150))
+            d.text((left - 30, b - 6), f"{y}", fill="black")
+        bar_x, _ = px(evaluation.BAR_UA * 100, y0)
+        d.line([(bar_x, top), (bar_x, bottom)], fill=(150, 150, 150))
+        d.text((bar_x + 4, bottom - 14), "UA bar", fill=(120, 120, 120))
+        for i, name in shown:
+            col = colours[i % len(colours)]
+            if dots:
+                faint = tuple(int(c + (255 - c) * 0.65) for c in col)
+                for f in (figures(r) for (n, _, _), r in records.items() if n == name):
+                    x, y = px(f["ua"], f["retain_in_drop"])
+                    d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=faint)
+            ua, ua_lo, ua_hi = concept_interval(units_of(records, name, "ua"))
+            dr, dr_lo, dr_hi = concept_interval(units_of(records, name, "retain_in_drop"))
+            if not (x0 <= ua <= x1 and y0 <= dr <= y1):
+                continue  # a mean outside the zoom is shown in the main panel only
+            x, y = px(ua, dr)
+            if not math.isnan(ua_lo):
+                d.line([px(ua_lo, dr), px(ua_hi, dr)], fill=col, width=2)
+                d.line([px(ua, dr_lo), px(ua, dr_hi)], fill=col, width=2)
+            d.rectangle([x - 5, y - 5, x + 5, y + 5], fill=col)
+
+    panel((70, 30, main_w - 10, h - 60), 0.0, 100.0, y0, y1, 10, 10, dots=True)
+    d.text((70 + 80, h - 22), "UA (%): share of forget images without the concept ->", fill="black")
+    d.text((6, 8), "in-domain retain drop (points, base - unlearned): up is better", fill="black")
+    if zoom:
+        zx = main_w + legend
+        panel((zx + 40, 30, w - 15, h - 60), *zoom, 5, 5, dots=False)
+        d.text((zx + 40, 8), f"zoom: UA {zoom[0]:g}-{zoom[1]:g}%, drop {zoom[2]:g} to {zoom[3]:g}", fill="black")
+    for row, (i, name) in enumerate(shown):
+        col, ly = colours[i % len(colours)], 30 + 20 * row
+        n_runs = sum(1 for k in records if k[0] == name)
+        d.rectangle([main_w + 15, ly, main_w + 25, ly + 10], fill=col)
+        d.text((main_w + 32, ly - 1), f"{name_label(name)} ({n_runs})", fill="black")
+    d.text((main_w + 15, 30 + 20 * len(shown) + 10), "square: mean, bars: 95%\ninterval over concepts,\ndots: runs",
            fill="black")
     img.save(path, optimize=False)
 
