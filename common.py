@@ -110,6 +110,7 @@ def load_models(model: str, device: torch.device, dtype: torch.dtype = torch.flo
         return models
     path, toy = resolve_model(model)
     kw = dict(use_safetensors=True)
+    refuse_pipeline(pipeline_class(path), model)
     if is_unconditional(path):
         if not unconditional_ok:
             raise UsageError(f"{model} is an unconditional model (no text encoder): this needs a text-to-image "
@@ -155,6 +156,36 @@ def base_model_name(model: str) -> str:
     the base model its run.json names ('toy', a hub id, a folder); any other name is itself."""
     run = saved_run(model)
     return run["base_model"] if run else model
+
+
+# Pipeline families (model_index.json's class name starts with the key) the methods here cannot
+# train, refused in one sentence before any weight loads.
+REFUSED_PIPELINES = {
+    "StableDiffusionXL": "SDXL is not supported yet: its UNet also needs the second text encoder's "
+                                 "pooled embedding and the added time ids, which the sampler here does not pass",
+    "StableDiffusion3": "SD3 is a flow-matching transformer (MMDiT), not a UNet sampled with DDIM, "
+                                "which every method here is written for",
+    "Flux": "FLUX is a flow-matching transformer, not a UNet sampled with DDIM, which every method "
+                    "here is written for",
+}
+
+
+def pipeline_class(path: str) -> str | None:
+    """The pipeline class a diffusers folder or hub id declares (model_index.json), None if unknown."""
+    index = Path(path) / "model_index.json"
+    try:
+        if not index.exists():
+            from huggingface_hub import hf_hub_download
+            index = Path(hf_hub_download(path, "model_index.json"))
+        return json.loads(index.read_text()).get("_class_name")
+    except Exception:  # offline, not a hub id: the loading below says so in its own words
+        return None
+
+
+def refuse_pipeline(cls: str | None, model: str) -> None:
+    for family, why in REFUSED_PIPELINES.items():
+        if cls is not None and cls.startswith(family):
+            raise UsageError(f"{model} is a {cls}: {why}; use an SD 1.x or 2.x model, or --model toy.")
 
 
 def is_unconditional(path: str) -> bool:

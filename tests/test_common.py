@@ -1,5 +1,6 @@
 """common.py: the sampler is the real thing, the SD path works, bad input fails clearly."""
 
+import json
 import os
 import subprocess
 import sys
@@ -398,3 +399,14 @@ def test_steps_the_fp16_scaler_skips_are_counted_and_recorded(toy_models, tmp_pa
     args = pure.parse_args(["--model", "toy", "--concept", "circle", "--mixed-precision", "fp16"])
     run = common.save_run(tmp_path, common.frozen_copy(toy_models.unet), args, toy_models, 0.0)
     assert run["fp16_skipped_steps"] == common.LossScaler.skipped >= 1
+
+
+@pytest.mark.parametrize("cls,word", [("StableDiffusionXLPipeline", "SDXL"), ("StableDiffusionXLImg2ImgPipeline", "SDXL"),
+                                      ("StableDiffusion3Pipeline", "SD3"), ("FluxPipeline", "FLUX")])
+def test_sdxl_sd3_and_flux_folders_are_refused_in_one_sentence_before_anything_loads(tmp_path, cls, word):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": cls}))  # nothing else: no weights
+    with pytest.raises(common.UsageError) as e:
+        common.load_models(str(tmp_path), torch.device("cpu"))
+    message = str(e.value)
+    assert message.startswith(f"{tmp_path} is a {cls}: {word}") and ". " not in message, message
+    assert common.pipeline_class(str(tmp_path)) == cls and common.pipeline_class("toy/pipeline") is not None
