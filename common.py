@@ -837,6 +837,10 @@ def parse_args(cls, argv: list[str] | None = None):
             parser.add_argument(name, nargs="*", type=typing.get_args(kind)[0], **kw)
         else:
             parser.add_argument(name, type=kind, **kw)
+    given = sys.argv[1:] if argv is None else argv
+    if sum(a == "--concept" or a.startswith("--concept=") for a in given) > 1:  # argparse keeps the last
+        raise UsageError("several --concept in one run are not supported yet: erase one, then continue from "
+                         "its folder with --model <run folder> --concept <the next>.")
     return cls(**vars(parser.parse_args(argv)))
 
 

@@ -410,3 +410,10 @@ def test_sdxl_sd3_and_flux_folders_are_refused_in_one_sentence_before_anything_l
     message = str(e.value)
     assert message.startswith(f"{tmp_path} is a {cls}: {word}") and ". " not in message, message
     assert common.pipeline_class(str(tmp_path)) == cls and common.pipeline_class("toy/pipeline") is not None
+
+
+def test_a_repeated_concept_is_refused_rather_than_the_last_one_taken():
+    import pure
+    with pytest.raises(common.UsageError, match="several --concept in one run are not supported yet"):
+        pure.parse_args(["--model", "toy", "--concept", "circle", "--concept", "striped"])
+    assert pure.parse_args(["--model", "toy", "--concept=circle"]).concept == "circle"
