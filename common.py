@@ -20,6 +20,7 @@ import math
 import os
 import platform
 import random
+import re
 import shutil
 import signal
 import sys
@@ -572,11 +573,14 @@ def concept_prompts(concept: str, models: Models, forget: list[str] | None = Non
     prompts: what was erased before is not to be kept now."""
     ps = prompt_set(concept, models.toy)
     if models.erased:
-        def keeps(prompt: str) -> bool:  # names no erased concept (a toy word, or part of an SD prompt)
-            return all(c.lower() not in (prompt.split() if models.is_toy else prompt.lower()) for c in models.erased)
+        erased = [re.compile(rf"\b{re.escape(c)}\b", re.IGNORECASE) for c in models.erased]
+        keeps = lambda prompt: not any(e.search(prompt) for e in erased)  # noqa: E731 (names none of them)
         ps.retain = [p for p in ps.retain if keeps(p)]
         ps.retain_in = [r for r in ps.retain_in if keeps(r[0])]
         ps.retain_cross = [r for r in ps.retain_cross if keeps(r[0])]
+        if not ps.retain or not ps.retain_in:
+            raise UsageError(f"every retain prompt of {concept!r} names a concept erased earlier "
+                             f"({', '.join(models.erased)}): nothing of its kind is left to keep.")
     if forget:
         ps.forget = list(forget)
     if retain:
@@ -819,7 +823,7 @@ def parse_args(cls, argv: list[str] | None = None):
     """
     hints = typing.get_type_hints(cls)
     parser = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").strip(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
         if typing.get_origin(kind) in (typing.Union, types.UnionType):  # Optional[X] / X | None

@@ -532,10 +532,12 @@ def earlier_concepts(models: common.Models, unet, base_unet, judge: Judge, n: in
         es = eval_set(ps, n, seed)
         for g in ("retain_in", "retain_cross"):  # only the forget and synonym groups are asked about
             es.groups.pop(g, None), es.targets.pop(g, None), es.seeds.pop(g, None)
+        # an artist is judged among the known artists and itself, as report() judges one
+        candidates = list(dict.fromkeys([ps.concept] + common.ARTISTS)) if ps.kind == "style" else None
         row = {}
         for name, u in (("base", base_unet), ("now", unet)):
             images = generate(models, u, es)
-            answers = judge_groups(judge, images, es)
+            answers = judge_groups(judge, images, es, candidates)
             row[name] = {("ua" if g == "forget" else "ua_synonym"): unlearning_accuracy(pred, ps.concept)
                          for g, (pred, _) in answers.items()}
         own = Path(run["run"]) / "metrics.json"

@@ -103,7 +103,7 @@ def commit() -> str:
                               text=True).stdout.strip()
         # "+changes": tracked code differs from the commit (the docs and records this script itself
         # rewrites do not count, so a run made between two benchmark invocations is not flagged)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!docs",
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=normal", "--", ".", ":!docs",
                                 ":!benchmarks/records"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
         return head + ("+changes" if dirty else "") if head else "unknown"
     except OSError:
@@ -220,8 +220,8 @@ def run_method(name: str, concept: str, seed: int, ev: Evaluator) -> dict | None
     m, eval_time = ev.unlearned(out / "unet", concept, seed)
     rec = {"method": name, "concept": concept, "seed": seed, "commit": commit(), "n_images": N_IMAGES,
            "command": " ".join(["python", script, "--model", "toy", "--concept", concept, "--seed", str(seed), *extra]),
-           # what exactly ran (the output folder aside) and which weights were evaluated
-           "argv": [Path(c).name if i == 0 else c for i, c in enumerate(cmd)][1:],
+           # what exactly ran (the output folder relative to the repository) and which weights were evaluated
+           "argv": [str(Path(c).relative_to(ROOT)) if c == str(out) else c for c in cmd[1:]],
            "unet_sha256": unet_sha256(out / "unet"), "kid_estimator": KID_ESTIMATOR,
            "args": run["args"], "train_time_s": run["wall_time_s"], "eval_time_s": round(eval_time, 1),
            # what one standalone run takes, less its base evaluation (the benchmark shares that)
@@ -317,9 +317,13 @@ def concept_interval(units: dict, level: float = 1 - ALPHA) -> tuple[float, floa
 
 
 def p_value(values: list[float]) -> float:
-    """Two-sided one-sample t-test of mean 0."""
+    """Two-sided one-sample t-test of mean 0 (values without spread: 1 if all 0, else 0)."""
     from scipy import stats
-    return float(stats.ttest_1samp(values, 0.0).pvalue) if len(values) > 1 else float("nan")
+    if len(values) < 2:
+        return float("nan")
+    if np.std(values) == 0:  # scipy gives NaN here, which would stop Holm's step-down
+        return 1.0 if values[0] == 0 else 0.0
+    return float(stats.ttest_1samp(values, 0.0).pvalue)
 
 
 # the figures of a run, in the units the tables print; "drop" = base - unlearned
@@ -475,6 +479,8 @@ def check_claim(records: dict, claim, level: float = 1 - ALPHA) -> dict:
     units = sorted({(c, s) for (n, c, s) in records if n == method})
     sides = [method] + ([against] if isinstance(against, str) else [])
     units = [u for u in units if all((n, *u) in records for n in sides)]
+    if metric == "kid_clip":  # pair KID-CLIP only between records of the same estimator
+        units = [u for u in units if len({records[(n, *u)].get("kid_estimator") for n in sides}) == 1]
 
     def diffs(units):
         out = {}
@@ -510,7 +516,8 @@ def holm(results: list[dict], alpha: float = ALPHA) -> list[dict]:
     (from 0) of m is tested at alpha / (m - i) until the first that is not rejected. Each gets
     "holm_verdict" and the interval at its own step's level ("holm_low", "holm_high"): holds or
     fails when that interval excludes 0 and every claim before it did, else inconclusive."""
-    family = sorted((r for r in results if r["verdict"] in ("holds", "fails", "inconclusive")), key=lambda r: r["p"])
+    family = sorted((r for r in results if r["verdict"] in ("holds", "fails", "inconclusive")),
+                    key=lambda r: (math.isnan(r["p"]), r["p"]))
     rejecting = True
     for i, r in enumerate(family):
         level = 1 - alpha / (len(family) - i)
@@ -823,7 +830,10 @@ def attack_section(records: dict) -> list[str]:
 
 
 def seed_set(records: dict, seeds: list[int]) -> dict:
-    return {k: r for k, r in records.items() if k[2] in seeds}
+    """The records of these seeds; on the held-out seeds, only those made from a committed tree
+    (a --allow-dirty record, commit "...+changes", never enters the headline)."""
+    return {k: r for k, r in records.items()
+            if k[2] in seeds and not (seeds == TEST_SEEDS and r["commit"].endswith("+changes"))}
 
 
 def seeds_name(seeds: list[int]) -> str:
@@ -1047,8 +1057,11 @@ def main():
                 made += run_method(name, concept, seed, ev) is not None
         print(f"{made} runs made in {(time.time() - started) / 60:.1f} min ({os.cpu_count()} CPU cores, "
               f"{platform.machine()}, {datetime.date.today()})")
-        if compare_grid(ROOT / args.docs / "compare.png"):
+        if not args.shard and compare_grid(ROOT / args.docs / "compare.png"):
             print(f"wrote {ROOT / args.docs / 'compare.png'} (* = baseline)")
+    if args.shard and not args.report_only:  # shards merge records by git; the docs are written once, after
+        print("records written; after the merge: python benchmarks/compare_toy.py --report-only")
+        return
     docs = ROOT / args.docs
     docs.mkdir(parents=True, exist_ok=True)
     write_docs(load_records(), docs, "Runs are made by `python benchmarks/compare_toy.py` (missing records only).")

@@ -83,6 +83,12 @@ def test_holm_tests_the_i_th_smallest_p_value_at_alpha_over_m_minus_i_and_stops_
     assert "holm_low" not in results[4]
     fails = compare_toy.holm([{**claim(0.001, mean=-1.0)}])[0]
     assert fails["holm_verdict"] == "fails"
+    # a claim whose differences are all 0 (both methods at UA 100% everywhere) has p = 1, not NaN:
+    # it must not stop the step-down for the claims after it
+    zero = {**claim(1.0, mean=0.0), "means": [0.0, 0.0, 0.0], "verdict": "inconclusive"}
+    zero["p"] = compare_toy.p_value(zero["means"])
+    results = compare_toy.holm([zero, claim(5e-6), claim(2e-5), claim(2e-4)])
+    assert zero["p"] == 1.0 and [r["holm_verdict"] for r in results[1:]] == ["holds"] * 3
 
 
 def test_figures_are_in_points_and_the_worst_value_drop_is_the_largest_drop_of_any_value():
@@ -94,6 +100,23 @@ def test_figures_are_in_points_and_the_worst_value_drop_is_the_largest_drop_of_a
     rec["base"]["retain_in_per_value"] = {"square": 0.60, "triangle": 1.0}
     rec["unlearned"]["retain_in_per_value"] = {"square": 0.55, "triangle": 0.70}
     assert compare_toy.figures(rec)["worst_drop"] == pytest.approx(30) and compare_toy.worst_value(rec) == "triangle"
+
+
+def test_the_headline_leaves_out_records_made_from_a_dirty_tree_and_kid_pairs_one_estimator():
+    recs = {("pure", c, s): _record("pure", c, s, ua=0.99, retain_in=0.93) for c in ("circle", "square") for s in (0, 3)}
+    for r in recs.values():
+        r["commit"] = "abc1234"
+    recs[("pure", "square", 3)]["commit"] = "abc1234+changes"
+    assert set(compare_toy.seed_set(recs, compare_toy.TEST_SEEDS)) == {("pure", "circle", 3)}
+    assert len(compare_toy.seed_set(recs, compare_toy.SEEDS)) == 2  # development records are kept, marked
+    pair = {}
+    for i, c in enumerate(("circle", "square", "triangle")):
+        pair[("pure", c, 3)] = _record("pure", c, 3, ua=0.99, retain_in=0.93, kid=0.1 * i)
+        pair[("esd", c, 3)] = _record("esd", c, 3, ua=0.99, retain_in=0.93, kid=0.5)
+        pair[("pure", c, 3)]["kid_estimator"] = pair[("esd", c, 3)]["kid_estimator"] = "u-statistic"
+    del pair[("esd", "triangle", 3)]["kid_estimator"]  # an earlier record: not paired with a new one
+    kid = compare_toy.check_claim(pair, ("PURE", "", "kid_clip", "pure", "esd", -1))
+    assert kid["n"] == 2 and kid["n_units"] == 2
 
 
 def test_the_common_bar_sees_the_other_kind():

@@ -83,3 +83,15 @@ def test_two_runs_in_a_row_record_the_chain_and_load_in_diffusers(tiny_sd, tmp_p
                                                    safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     assert pipe("a church", num_inference_steps=2, output_type="pt").images.shape[0] == 1
+
+
+def test_retain_prompts_match_erased_names_as_words_and_an_empty_retain_set_is_refused(toy_models):
+    class Chained:  # an SD model that erased "Van Gogh": "a painting in the style of Van Gogh" goes,
+        is_toy, toy, conditional, erased = False, None, True, ["Van Gogh", "Art"]  # "an artwork by ..." stays
+    ps = common.concept_prompts("Claude Monet", Chained())
+    assert not any("Van Gogh" in p for p in ps.retain) and any(p.startswith("an artwork by") for p in ps.retain)
+    shapes = toy_models.toy["vocabulary"]["shape"]
+    gone = [{"run": "x", "method": "PURE", "concept": s} for s in shapes if s != "circle"]
+    with pytest.raises(common.UsageError, match="names a concept erased earlier"):
+        common.concept_prompts("circle", dataclasses.replace(toy_models, chain=gone))
+

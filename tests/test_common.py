@@ -417,3 +417,5 @@ def test_a_repeated_concept_is_refused_rather_than_the_last_one_taken():
     with pytest.raises(common.UsageError, match="several --concept in one run are not supported yet"):
         pure.parse_args(["--model", "toy", "--concept", "circle", "--concept", "striped"])
     assert pure.parse_args(["--model", "toy", "--concept=circle"]).concept == "circle"
+    with pytest.raises(SystemExit):  # no abbreviations: "--conc" is not a second --concept either
+        pure.parse_args(["--model", "toy", "--concept", "circle", "--conc", "striped"])
