@@ -137,6 +137,7 @@ def setup(args: Args, run: dict):
     # the original base model (a chained run's run.json names it, not the run it continued)
     models = common.load_models(run["base_model"], device, dtype, args.sample_batch_size)
     ps = common.concept_prompts(run["args"]["concept"], models, common.read_prompt_list(run["args"].get("forget_prompts")))
+    common.one_concept(ps, "The attack", "it learns one concept's token")
     unet = common.load_unet(Path(args.run) / "unet", device).requires_grad_(False)
     models.unet.eval().requires_grad_(False)
     check_init_word(args.init_word, ps)

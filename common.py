@@ -77,7 +77,7 @@ class Models:
     @property
     def erased(self) -> list[str]:
         """The concepts earlier runs of the chain erased: never retain prompts again."""
-        return [run["concept"] for run in self.chain]
+        return [c for run in self.chain for c in concept_names(run["concept"])]
 
     @property
     def is_toy(self) -> bool:
@@ -514,6 +514,7 @@ class PromptSet:
     retain_in: list[tuple[str, str]]           # (prompt, value it shows), same kind as the concept
     retain_cross: list[tuple[str, str, str]]   # (prompt, kind, value), the other kinds
     synonym: list[str]                         # the concept named by a synonym / paraphrase only
+    parts: list = field(default_factory=list)  # several concepts in one run: each one's own set
 
 
 @dataclass(frozen=True)
@@ -573,11 +574,8 @@ def concept_prompts(concept: str, models: Models, forget: list[str] | None = Non
     prompts: what was erased before is not to be kept now."""
     ps = prompt_set(concept, models.toy)
     if models.erased:
-        erased = [re.compile(rf"\b{re.escape(c)}\b", re.IGNORECASE) for c in models.erased]
-        keeps = lambda prompt: not any(e.search(prompt) for e in erased)  # noqa: E731 (names none of them)
-        ps.retain = [p for p in ps.retain if keeps(p)]
-        ps.retain_in = [r for r in ps.retain_in if keeps(r[0])]
-        ps.retain_cross = [r for r in ps.retain_cross if keeps(r[0])]
+        for part in [ps] + ps.parts:
+            drop_named(part, models.erased)
         if not ps.retain or not ps.retain_in:
             raise UsageError(f"every retain prompt of {concept!r} names a concept erased earlier "
                              f"({', '.join(models.erased)}): nothing of its kind is left to keep.")
@@ -594,13 +592,52 @@ def concept_prompts(concept: str, models: Models, forget: list[str] | None = Non
     return ps
 
 
+# Several concepts in one run (a repeated --concept) travel as one string, "circle + striped".
+CONCEPT_JOIN = " + "
+
+
+def concept_names(concept: str) -> list[str]:
+    """The concepts of --concept: one, or several joined by CONCEPT_JOIN."""
+    return [c.strip() for c in concept.split(CONCEPT_JOIN)]
+
+
 def prompt_set(concept: str, toy: dict | None) -> PromptSet:
-    """The default prompt sets of `concept`: the toy's (from its vocabulary `toy`) or SD's."""
+    """The default prompt sets of `concept`: the toy's (from its vocabulary `toy`) or SD's. Several
+    concepts: their forget sets together, retain prompts naming none of them, each one's set in
+    `parts` (for a loss or an evaluation that treats each concept on its own)."""
+    names = concept_names(concept)
+    if len(names) > 1:
+        parts = [prompt_set(c, toy) for c in names]
+        for part in parts:
+            drop_named(part, [p.concept for p in parts])
+        kinds = {p.kind for p in parts}
+        merged = PromptSet(CONCEPT_JOIN.join(p.concept for p in parts), kinds.pop() if len(kinds) == 1 else "mixed",
+                           *[list(dict.fromkeys(x for p in parts for x in getattr(p, f)))
+                             for f in ("forget", "retain", "retain_in", "retain_cross", "synonym")])
+        merged.parts = parts
+        return merged
     concept = concept.strip()
     if not concept:
         raise UsageError("--concept is empty: name what to forget, e.g. --concept circle (toy) "
                          "or --concept 'Van Gogh' (Stable Diffusion).")
     return toy_prompt_set(concept, toy) if toy else sd_prompt_set(concept)
+
+
+def one_concept(ps: PromptSet, method: str, why: str) -> None:
+    """Refuse several concepts in one run for a method whose loss has a per-concept term not yet
+    generalised; they can still be erased one after another (chaining)."""
+    if ps.parts:
+        raise UsageError(f"{method} takes one --concept per run for now ({why}); erase the others one after "
+                         "another with --model <run folder> --concept <the next>.")
+
+
+def drop_named(ps: PromptSet, concepts: list[str]) -> None:
+    """Leave out of `ps`'s retain prompts every prompt that names one of `concepts` (as a word)."""
+    named = [re.compile(rf"\b{re.escape(c)}\b", re.IGNORECASE) for c in concepts]
+    keeps = lambda prompt: not any(e.search(prompt) for e in named)  # noqa: E731
+    ps.retain = [p for p in ps.retain if keeps(p)]
+    ps.retain_in = [r for r in ps.retain_in if keeps(r[0])]
+    ps.retain_cross = [r for r in ps.retain_cross if keeps(r[0])]
 
 
 def concept_kind(concept: str, model: str) -> str:
@@ -835,17 +872,18 @@ def parse_args(cls, argv: list[str] | None = None):
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
         name = "--" + f.name.replace("_", "-")
-        if kind is bool:
+        if f.name == "concept":  # repeatable: several concepts in one run, kept joined by CONCEPT_JOIN
+            parser.add_argument(name, action="append", **{**kw, "default": None})
+        elif kind is bool:
             parser.add_argument(name, action=argparse.BooleanOptionalAction, **kw)
         elif typing.get_origin(kind) is list:
             parser.add_argument(name, nargs="*", type=typing.get_args(kind)[0], **kw)
         else:
             parser.add_argument(name, type=kind, **kw)
-    given = sys.argv[1:] if argv is None else argv
-    if sum(a == "--concept" or a.startswith("--concept=") for a in given) > 1:  # argparse keeps the last
-        raise UsageError("several --concept in one run are not supported yet: erase one, then continue from "
-                         "its folder with --model <run folder> --concept <the next>.")
-    return cls(**vars(parser.parse_args(argv)))
+    values = vars(parser.parse_args(argv))
+    if "concept" in values:
+        values["concept"] = CONCEPT_JOIN.join(values["concept"]) if values["concept"] else ""
+    return cls(**values)
 
 
 def fill_defaults(args, defaults: dict) -> None:
@@ -981,7 +1019,7 @@ def show(bar, terms: dict) -> None:
 
 
 def slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-") or "concept"
+    return re.sub("-+", "-", "".join(c if c.isalnum() else "-" for c in text.lower())).strip("-") or "concept"
 
 
 def default_output_dir(method: str, concept: str) -> Path:

@@ -496,6 +496,13 @@ def report(models: common.Models, ps: common.PromptSet, unet=None, base_unet=Non
     `unet`, on the same prompts and seeds. An unconditional model: report_classes."""
     if not models.conditional:
         return report_classes(models, ps.concept, unet, base_unet, n, seed, grid_path)
+    if ps.parts:  # several concepts: each one's own report (its UA; retain over what none of them names)
+        t0 = time.time()
+        parts = {p.concept: report(models, p, unet, base_unet, n, seed,
+                                   grid_path.with_name(f"{grid_path.stem}-{common.slug(p.concept)}.png") if grid_path else None)
+                 for p in ps.parts}
+        return {"concept": ps.concept, "kind": ps.kind, "model": models.name, "seed": seed, "concepts": parts,
+                "eval_time_s": round(time.time() - t0, 1)}
     t0 = time.time()
     clip = load_clip(models)
     judge = Judge(models, clip)
@@ -650,7 +657,10 @@ def save_and_report(folder: Path, models: common.Models, ps: common.PromptSet, u
 
 
 def format_table(metrics: dict) -> str:
-    """A short markdown before/after table with the number of images behind each figure."""
+    """A short markdown before/after table with the number of images behind each figure (several
+    concepts: one table each)."""
+    if "concepts" in metrics:
+        return "\n\n".join(f"{c}:\n{format_table(m)}" for c, m in metrics["concepts"].items())
     cols = ["ua", "ua_synonym", "retain_in", "retain_in_worst", "retain_cross", "forget_fidelity",
             "forget_degenerate", "clip_forget", "clip_retain", "fd_clip", "kid_clip"]
     rows = [("base", metrics["base"])] + ([("unlearned", metrics["unlearned"])] if "unlearned" in metrics else [])
@@ -703,6 +713,9 @@ def _finished_runs(runs: list[Path]) -> list[tuple[Path, dict, dict]]:
         if not (r / "metrics.json").exists() or not (r / "unet").exists():
             raise common.UsageError(f"{r} is not a finished run (no metrics.json or unet/).")
         infos.append((r, json.loads((r / "metrics.json").read_text()), json.loads((r / "run.json").read_text())))
+    if any("concepts" in m for _, m, _ in infos):
+        raise common.UsageError("--compare takes runs of one concept each; a run of several concepts is read "
+                                "with --run.")
     concepts = {m["concept"] for _, m, _ in infos}
     if len(concepts) > 1:
         raise common.UsageError(f"--compare needs runs of one concept, got {', '.join(sorted(concepts))}.")

@@ -146,6 +146,7 @@ def setup(args: Args):
     models = common.load_models(args.model, device, dtype, args.sample_batch_size)
     ps = common.concept_prompts(args.concept, models, common.read_prompt_list(args.forget_prompts),
                                 common.read_prompt_list(args.retain_prompts))
+    common.one_concept(ps, "CGRU", "its forget reward is the distance to one concept's text")
     unet_ref = common.frozen_copy(models.unet)                 # the reference policy, frozen
     params = common.select_trainable(models.unet, args.train)  # theta: what trains
     if args.gradient_checkpointing:

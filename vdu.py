@@ -135,6 +135,8 @@ def setup(args: Args):
     models = common.load_models(args.model, device, dtype, args.sample_batch_size, unconditional_ok=True)
     ps = common.concept_prompts(args.concept, models, common.read_prompt_list(args.forget_prompts),
                                 common.read_prompt_list(args.retain_prompts))
+    if not models.conditional:
+        common.one_concept(ps, "VDU's class setting", "its report follows one class's share")
     unet_ref = common.frozen_copy(models.unet)                 # eps_ref: the reference, frozen
     params = common.select_trainable(models.unet, args.train)  # theta: what trains
     if args.gradient_checkpointing:

@@ -76,8 +76,10 @@ TOY_LR = {"xattn": 1e-4, "noxattn": 1.5e-5, "full": 1.5e-5}
 
 # ESD's rule for what trains: cross-attention holds how a word is drawn (styles), the rest holds
 # what is drawn (objects). The toy's textures and colours play the part of styles.
+# Several concepts of different kinds in one run (a shape and a texture): the whole UNet, what
+# each kind's rule trains together (ours: the ESD paper erases one concept at a time).
 TRAIN_BY_KIND = {"style": "xattn", "texture": "xattn", "colour": "xattn",
-                 "object": "noxattn", "shape": "noxattn", "nudity": "noxattn"}
+                 "object": "noxattn", "shape": "noxattn", "nudity": "noxattn", "mixed": "full"}
 
 
 def parse_args(argv: list[str] | None = None) -> Args:

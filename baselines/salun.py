@@ -98,6 +98,7 @@ def setup(args: Args):
     models = common.load_models(args.model, device, dtype, args.sample_batch_size)
     ps = common.concept_prompts(args.concept, models, common.read_prompt_list(args.forget_prompts),
                                 common.read_prompt_list(args.retain_prompts))
+    common.one_concept(ps, "SalUn", "it relabels the concept as another of its own kind")
     # the starting model, for the report only: it waits in host memory while training (on SD
     # that leaves 3.2 GiB of GPU memory to the training step; on a CPU it changes nothing)
     unet_ref = common.frozen_copy(models.unet).to("cpu")

@@ -412,10 +412,10 @@ def test_sdxl_sd3_and_flux_folders_are_refused_in_one_sentence_before_anything_l
     assert common.pipeline_class(str(tmp_path)) == cls and common.pipeline_class("toy/pipeline") is not None
 
 
-def test_a_repeated_concept_is_refused_rather_than_the_last_one_taken():
+def test_a_repeated_concept_gives_several_and_a_flag_is_never_abbreviated():
     import pure
-    with pytest.raises(common.UsageError, match="several --concept in one run are not supported yet"):
-        pure.parse_args(["--model", "toy", "--concept", "circle", "--concept", "striped"])
+    assert pure.parse_args(["--model", "toy", "--concept", "circle", "--concept", "striped"]).concept == \
+        "circle + striped"  # argparse alone kept the last, silently erasing one concept of two
     assert pure.parse_args(["--model", "toy", "--concept=circle"]).concept == "circle"
-    with pytest.raises(SystemExit):  # no abbreviations: "--conc" is not a second --concept either
+    with pytest.raises(SystemExit):  # no abbreviations: "--conc" is not a second --concept
         pure.parse_args(["--model", "toy", "--concept", "circle", "--conc", "striped"])
