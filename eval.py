@@ -498,9 +498,8 @@ def report(models: common.Models, ps: common.PromptSet, unet=None, base_unet=Non
         return report_classes(models, ps.concept, unet, base_unet, n, seed, grid_path)
     if ps.parts:  # several concepts: each one's own report (its UA; retain over what none of them names)
         t0 = time.time()
-        parts = {p.concept: report(models, p, unet, base_unet, n, seed,
-                                   grid_path.with_name(f"{grid_path.stem}-{common.slug(p.concept)}.png") if grid_path else None)
-                 for p in ps.parts}
+        grid = lambda c: grid_path.with_name(f"{grid_path.stem}-{common.slug(c)}.png") if grid_path else None  # noqa: E731
+        parts = {p.concept: report(models, p, unet, base_unet, n, seed, grid(p.concept)) for p in ps.parts}
         return {"concept": ps.concept, "kind": ps.kind, "model": models.name, "seed": seed, "concepts": parts,
                 "eval_time_s": round(time.time() - t0, 1)}
     t0 = time.time()

@@ -146,7 +146,8 @@ def setup(args: Args):
     models = common.load_models(args.model, device, dtype, args.sample_batch_size)
     ps = common.concept_prompts(args.concept, models, common.read_prompt_list(args.forget_prompts),
                                 common.read_prompt_list(args.retain_prompts))
-    common.one_concept(ps, "CGRU", "its forget reward is the distance to one concept's text")
+    if args.reward == "classifier":
+        common.one_concept(ps, "CGRU with --reward classifier", "the judge's reward names one concept")
     unet_ref = common.frozen_copy(models.unet)                 # the reference policy, frozen
     params = common.select_trainable(models.unet, args.train)  # theta: what trains
     if args.gradient_checkpointing:
@@ -214,19 +215,25 @@ def rewards(kind: str, roll: dict, ps: common.PromptSet, clip, judge) -> torch.T
     img = F.normalize(clip.image_features(images), dim=-1)
     own = F.normalize(roll["text"], dim=-1)
     zero_shot = kind in ("clip-zero-shot", "clip-hybrid")
-    # the concept's text first, then (zero-shot only) its in-domain alternatives, encoded together
-    texts = F.normalize(clip.text_features([ps.forget[0]] + ([p for p, _ in ps.retain_in] if zero_shot else [])),
-                        dim=-1)
-    # retain (every CLIP reward): r = cos(image, own prompt)
-    # forget, clip (default): r = -cos(image, concept text)
-    forget = -(img @ texts[0])
-    if zero_shot:
-        # reconstructed: r = 1 - p(concept | x_0), p from CLIP zero-shot over the concept and its
-        # in-domain alternatives, p = softmax(logit_scale * cos(image, [concept, alternatives]))[0].
-        # A blank canvas lowers the cosine but not p: see "reward hacking" in docs/methods/rl_critic.md
-        p = (clip.model.logit_scale.exp().cpu() * img @ texts.T).softmax(-1)[:, 0]
-        forget = 1 - p if kind == "clip-zero-shot" else 1 - p + forget
-    return torch.where(f, forget, (img * own).sum(-1))
+    # several concepts in one run: a forget image's reward is about the concept(s) its prompt is a
+    # forget prompt of (the mean over them; ours: CGRU erases one concept)
+    total, count = torch.zeros(len(images)), torch.zeros(len(images))
+    for part in ps.parts or [ps]:
+        # the concept's text first, then (zero-shot only) its in-domain alternatives, encoded together
+        alternatives = [p for p, _ in part.retain_in] if zero_shot else []
+        texts = F.normalize(clip.text_features([part.forget[0]] + alternatives), dim=-1)
+        # retain (every CLIP reward): r = cos(image, own prompt)
+        # forget, clip (default): r = -cos(image, concept text)
+        forget = -(img @ texts[0])
+        if zero_shot:
+            # reconstructed: r = 1 - p(concept | x_0), p from CLIP zero-shot over the concept and its
+            # in-domain alternatives, p = softmax(logit_scale * cos(image, [concept, alternatives]))[0].
+            # A blank canvas lowers the cosine but not p: see "reward hacking" in docs/methods/rl_critic.md
+            p = (clip.model.logit_scale.exp().cpu() * img @ texts.T).softmax(-1)[:, 0]
+            forget = 1 - p if kind == "clip-zero-shot" else 1 - p + forget
+        mine = torch.tensor([prompt in part.forget for prompt in roll["prompts"]]) if ps.parts else f
+        total, count = total + torch.where(mine, forget, 0.0), count + mine.float()
+    return torch.where(f, total / count.clamp(min=1), (img * own).sum(-1))
 
 
 def _retain_target(prompt: str, ps: common.PromptSet) -> tuple[str, str]:

@@ -98,7 +98,6 @@ def setup(args: Args):
     models = common.load_models(args.model, device, dtype, args.sample_batch_size)
     ps = common.concept_prompts(args.concept, models, common.read_prompt_list(args.forget_prompts),
                                 common.read_prompt_list(args.retain_prompts))
-    common.one_concept(ps, "FMN", "it finds one concept's tokens in each prompt")
     unet_ref = common.frozen_copy(models.unet).to("cpu")       # for the evaluation only: in host memory
     params = common.select_trainable(models.unet, args.train)  # theta: what trains
     if args.gradient_checkpointing:
@@ -138,19 +137,20 @@ class AttentionRecorder:
         return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
 
 
-def concept_positions(tokenizer, prompts: list[str], concept: str, end_of_text: bool = True) -> torch.Tensor:
+def concept_positions(tokenizer, prompts: list[str], concepts: list[str], end_of_text: bool = True) -> torch.Tensor:
     """(n, tokens) bool: the token positions FMN re-steers in each prompt, as the text encoder sees
-    it (padded to the tokenizer's length): wherever the concept's tokens appear in a row, and the
-    first end-of-text token. A prompt that does not spell the concept (a synonym, the nudity
-    prompts) has only its end-of-text position."""
+    it (padded to the tokenizer's length): wherever a concept's tokens appear in a row (several
+    concepts in one run: any of them), and the first end-of-text token. A prompt that does not
+    spell the concept (a synonym, the nudity prompts) has only its end-of-text position."""
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True).input_ids
-    word = tokenizer(concept, add_special_tokens=False).input_ids
+    words = [tokenizer(c, add_special_tokens=False).input_ids for c in concepts]
     mask = torch.zeros(len(ids), len(ids[0]), dtype=torch.bool)
     for i, row in enumerate(ids):
-        for s in range(len(row) - len(word) + 1):
-            if row[s:s + len(word)] == word:
-                mask[i, s:s + len(word)] = True
+        for word in words:
+            for s in range(len(row) - len(word) + 1):
+                if row[s:s + len(word)] == word:
+                    mask[i, s:s + len(word)] = True
         if end_of_text:
             mask[i, row.index(tokenizer.eos_token_id)] = True
     return mask
@@ -162,7 +162,7 @@ def make_data(args: Args, models: common.Models, ps: common.PromptSet):
     """The forget set: latents x_0 with their prompts (drawn once by the starting model with fixed
     seeds, or real images), and each prompt's concept positions."""
     x0, prompts, c = common.forget_set(models, ps, args.n_forget, args.seed, args.forget_images)
-    positions = concept_positions(models.tokenizer, prompts, ps.concept, args.end_of_text)
+    positions = concept_positions(models.tokenizer, prompts, common.concept_names(ps.concept), args.end_of_text)
     return dict(x0=x0, c=c, positions=positions.to(models.device))
 
 

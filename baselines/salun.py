@@ -98,7 +98,6 @@ def setup(args: Args):
     models = common.load_models(args.model, device, dtype, args.sample_batch_size)
     ps = common.concept_prompts(args.concept, models, common.read_prompt_list(args.forget_prompts),
                                 common.read_prompt_list(args.retain_prompts))
-    common.one_concept(ps, "SalUn", "it relabels the concept as another of its own kind")
     # the starting model, for the report only: it waits in host memory while training (on SD
     # that leaves 3.2 GiB of GPU memory to the training step; on a CPU it changes nothing)
     unet_ref = common.frozen_copy(models.unet).to("cpu")
@@ -126,13 +125,18 @@ def other_concepts(ps: common.PromptSet) -> list[str]:
 def relabel(prompt: str, ps: common.PromptSet, g: torch.Generator) -> str:
     """c': the forget prompt with the concept replaced by another concept of the same kind, drawn
     uniformly for every image at every step (the public code always uses the next class; the toy
-    has several neighbours, so ours spreads the forgetting over all of them). A prompt that does not
-    name the concept (e.g. the nudity prompts) is replaced by a random in-domain retain prompt."""
-    others = other_concepts(ps)
-    pattern = re.compile(rf"\b{re.escape(ps.concept)}\b", flags=re.IGNORECASE)
-    if not others or not pattern.search(prompt):
+    has several neighbours, so ours spreads the forgetting over all of them). Several concepts in
+    one run: each concept the prompt names is replaced within its own kind, by none of the others
+    (ours: SalUn relabels one class). A prompt that names no concept (e.g. the nudity prompts), or
+    whose kind has no other concept, is replaced by a random in-domain retain prompt."""
+    named = [part for part in (ps.parts or [ps]) if re.search(rf"\b{re.escape(part.concept)}\b", prompt, re.I)]
+    others = [other_concepts(part) for part in named]
+    if not named or not all(others):
         return ps.retain_in[int(torch.randint(0, len(ps.retain_in), (1,), generator=g))][0]
-    new = pattern.sub(others[int(torch.randint(0, len(others), (1,), generator=g))], prompt)
+    new = prompt
+    for part, alternatives in zip(named, others):
+        pattern = re.compile(rf"\b{re.escape(part.concept)}\b", flags=re.IGNORECASE)
+        new = pattern.sub(alternatives[int(torch.randint(0, len(alternatives), (1,), generator=g))], new)
     # "a" or "an" before the word that follows it
     return re.sub(r"\b(a|an) (?=(\w))", lambda m: "an " if m.group(2).lower() in "aeiou" else "a ", new,
                   flags=re.IGNORECASE)

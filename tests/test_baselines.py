@@ -216,13 +216,15 @@ def test_fmn_records_each_cross_attention_layers_softmax_and_changes_nothing_it_
 
 def test_fmn_re_steers_the_concepts_tokens_and_the_end_of_text_only(toy_models):
     tok = toy_models.tokenizer
-    m = fmn.concept_positions(tok, ["a red circle", "a disc"], "circle")
+    m = fmn.concept_positions(tok, ["a red circle", "a disc"], ["circle"])
     ids = tok(["a red circle"], padding="max_length", max_length=tok.model_max_length).input_ids[0]
     assert m[0].nonzero().flatten().tolist() == [ids.index(tok("circle", add_special_tokens=False).input_ids[0]),
                                                  ids.index(tok.eos_token_id)]
     assert m[1].nonzero().flatten().tolist() == [3]  # the synonym: end-of-text only (<start> a disc <end>)
-    assert fmn.concept_positions(tok, ["a disc"], "circle", end_of_text=False).sum() == 0
-
+    assert fmn.concept_positions(tok, ["a disc"], ["circle"], end_of_text=False).sum() == 0
+    # several concepts: each prompt's own concept's tokens (and any other's it names)
+    two = fmn.concept_positions(tok, ["a red circle", "a striped square"], ["circle", "striped"], end_of_text=False)
+    assert two.sum(1).tolist() == [1, 1] and not torch.equal(two[0], two[1])
 
 def test_fmn_loss_is_the_unsquared_norm_of_the_concepts_attention_and_training_lowers_it(toy_models):
     import dataclasses
@@ -231,7 +233,7 @@ def test_fmn_loss_is_the_unsquared_norm_of_the_concepts_attention_and_training_l
     recorder = fmn.AttentionRecorder.install(models.unet)
     prompts = ["a red circle", "a blue circle"]
     c = common.encode_prompts(models, prompts)
-    positions = fmn.concept_positions(models.tokenizer, prompts, "circle")
+    positions = fmn.concept_positions(models.tokenizer, prompts, ["circle"])
     x0 = common.sample(models, prompts, [0, 1], decode=False).latents
     g = torch.Generator().manual_seed(0)
     x_t, t, _ = common.add_noise(models.scheduler, x0, g)

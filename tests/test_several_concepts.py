@@ -27,12 +27,46 @@ def test_a_repeated_concept_joins_and_its_prompt_sets_merge_keeping_each_concept
     assert common.concept_kind("circle + square", "toy") == "shape"
 
 
-def test_methods_with_a_per_concept_term_refuse_several_concepts_in_one_sentence():
-    import attack  # noqa: F401
-    for script in ("rl_critic", "baselines.salun", "baselines.fmn"):
-        module = __import__(script, fromlist=["main"])
-        with pytest.raises(common.UsageError, match="takes one --concept per run for now"):
-            module.main(["--model", "toy", "--concept", "circle", "--concept", "square", "--output-dir", "/nonexistent/x"])
+def test_what_still_takes_one_concept_refuses_several_in_one_sentence():
+    import rl_critic
+    import vdu
+    with pytest.raises(common.UsageError, match="takes one --concept per run for now"):
+        rl_critic.main(["--model", "toy", "--concept", "circle", "--concept", "square", "--reward", "classifier",
+                        "--output-dir", "/nonexistent/x"])
+    with pytest.raises(common.UsageError, match="takes one --concept per run for now"):
+        vdu.main(["--model", "toy-uncond", "--concept", "circle", "--concept", "square", "--output-dir", "/nonexistent/x"])
+
+
+def test_salun_relabels_each_concept_a_prompt_names_within_its_own_kind_and_never_as_another_erased(toy_models):
+    import sys
+    from conftest import ROOT
+    sys.path.insert(0, str(ROOT / "baselines"))
+    import salun
+    ps = common.concept_prompts("circle + striped + square", toy_models)
+    shapes, textures = set(toy_models.toy["vocabulary"]["shape"]), set(toy_models.toy["vocabulary"]["texture"])
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        words = set(salun.relabel("a striped circle", ps, g).split())
+        assert not words & {"circle", "striped", "square"}
+        assert len(words & (shapes - {"circle", "square"})) == 1 and len(words & (textures - {"striped"})) == 1
+
+
+def test_cgru_rewards_a_forget_image_for_leaving_its_own_concept(toy_models):
+    import torch.nn.functional as F
+
+    import rl_critic
+    clip = evaluation.load_clip(toy_models)
+    ps = common.concept_prompts("circle + striped", toy_models)
+    prompts = ["a circle", "a striped shape", "a red square"]
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    roll = {"prompts": prompts, "is_forget": torch.tensor([True, True, False]), "images": images,
+            "text": clip.text_features(prompts)}
+    r = rl_critic.rewards("clip", roll, ps, clip, None)
+    img = F.normalize(clip.image_features(images), dim=-1)
+    concept_text = F.normalize(clip.text_features([ps.parts[0].forget[0], ps.parts[1].forget[0]]), dim=-1)
+    assert torch.allclose(r[0], -(img[0] @ concept_text[0]), atol=1e-6)   # circle's own text
+    assert torch.allclose(r[1], -(img[1] @ concept_text[1]), atol=1e-6)   # striped's own text
+    assert torch.allclose(r[2], img[2] @ F.normalize(roll["text"][2], dim=-1), atol=1e-6)
 
 
 @pytest.mark.slow(20)
