@@ -270,3 +270,15 @@ def test_every_vdu_candidate_record_ran_what_its_command_line_gives_today_and_th
             assert ran == now, (key, rec["concept"], rec["seed"])
     best, _ = vdu_search.choose({k: vdu_search.summary(r) for k, r in recs.items()})
     assert best is not None and vdu_search.CANDIDATES[best][0] == "vdu", best
+
+
+def test_the_held_out_seeds_judge_a_claim_only_once_both_sides_have_all_their_units():
+    units = [(c, s) for c in compare_toy.CONCEPTS for s in compare_toy.TEST_SEEDS]
+    recs = {}
+    for name in ("pure", "esd"):
+        for c, s in units + [(c, 0) for c in compare_toy.CONCEPTS]:
+            recs[(name, c, s)] = {**_record(name, c, s, ua=0.9, retain_in=0.9), "commit": "abc1234"}
+    claim = ("PURE", "", "ua", "pure", "esd", +1)
+    assert compare_toy.claims_records(recs, claim)[1] == compare_toy.TEST_SEEDS
+    del recs[("esd", "circle", 5)]  # one unit missing: the development seeds still judge it
+    assert compare_toy.claims_records(recs, claim)[1] == compare_toy.SEEDS
