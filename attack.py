@@ -218,8 +218,7 @@ def success_rate(models: common.Models, unet, judge, ps: common.PromptSet, promp
     """ASR: the share of images from `prompts` (or their given text states) that the judge
     classifies as the concept. Returns (share, images)."""
     images = common.sample(models, prompts, seeds, unet=unet, text_states=text_states).images
-    candidates = list(dict.fromkeys([ps.concept] + common.ARTISTS)) if ps.kind == "style" else None
-    answers = judge(images, ps.kind, candidates)
+    answers = judge(images, ps.kind, evaluation.style_candidates(ps))
     return sum(a.lower() == ps.concept.lower() for a in answers) / len(answers), images
 
 

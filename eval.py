@@ -115,9 +115,8 @@ COMMON_BAR = {"ua": 0.90, "retain_in_drop": 0.10, "retain_cross_drop": 0.10}
 def meets_common_bar(metrics: dict) -> bool:
     """Whether one run meets COMMON_BAR (a run without cross-domain prompts is judged in-domain only)."""
     new, base = metrics["unlearned"], metrics["base"]
-    cross_kept = "retain_cross" not in new or new["retain_cross"] >= base["retain_cross"] - COMMON_BAR["retain_cross_drop"] - 1e-9
-    return (new["ua"] >= COMMON_BAR["ua"] and cross_kept
-            and new["retain_in"] >= base["retain_in"] - COMMON_BAR["retain_in_drop"] - 1e-9)
+    kept = lambda key: new[key] >= base[key] - COMMON_BAR[f"{key}_drop"] - 1e-9  # noqa: E731
+    return new["ua"] >= COMMON_BAR["ua"] and kept("retain_in") and ("retain_cross" not in new or kept("retain_cross"))
 
 
 def heading(key: str, short: bool = False) -> str:
@@ -292,6 +291,11 @@ class Judge:
 # ---------------------------------------------------------------------------------------------
 # Metrics
 # ---------------------------------------------------------------------------------------------
+
+def style_candidates(ps: common.PromptSet) -> list[str] | None:
+    """An artist is judged among the known artists and itself (it may not be one of them)."""
+    return list(dict.fromkeys([ps.concept] + common.ARTISTS)) if ps.kind == "style" else None
+
 
 def unlearning_accuracy(predictions: list[str], concept: str) -> float:
     """UA: share of images NOT judged to show the concept."""
@@ -506,9 +510,7 @@ def report(models: common.Models, ps: common.PromptSet, unet=None, base_unet=Non
     clip = load_clip(models)
     judge = Judge(models, clip)
     es = eval_set(ps, n, seed)
-    candidates = None
-    if ps.kind == "style":
-        candidates = list(dict.fromkeys([ps.concept] + common.ARTISTS))
+    candidates = style_candidates(ps)
     base_m, base_imgs, base_feats = evaluate(models, base_unet or models.unet, es, judge, clip, ps.concept, candidates)
     out = {"concept": ps.concept, "kind": ps.kind, "model": models.name,
            "n_forget_images": n, "n_retain_images": len(es.groups["retain_in"]), "seed": seed,
@@ -531,27 +533,35 @@ def report(models: common.Models, ps: common.PromptSet, unet=None, base_unet=Non
 def earlier_concepts(models: common.Models, unet, base_unet, judge: Judge, n: int, seed: int) -> dict:
     """A chained run (one that continued earlier runs): for each concept an earlier run erased, its
     UA and synonym UA now, in the original base model, and right after its own run (that run's
-    metrics.json, if it evaluated): a concept whose UA falls back has resurged."""
+    metrics.json, if it evaluated): a concept whose UA falls back has resurged. The base figures
+    are read from that metrics.json when it was made with the same images (n, seed), else drawn."""
     out = {}
     for run in models.chain:
-        ps = common.prompt_set(run["concept"], models.toy)
-        es = eval_set(ps, n, seed)
-        for g in ("retain_in", "retain_cross"):  # only the forget and synonym groups are asked about
-            es.groups.pop(g, None), es.targets.pop(g, None), es.seeds.pop(g, None)
-        # an artist is judged among the known artists and itself, as report() judges one
-        candidates = list(dict.fromkeys([ps.concept] + common.ARTISTS)) if ps.kind == "style" else None
-        row = {}
-        for name, u in (("base", base_unet), ("now", unet)):
-            images = generate(models, u, es)
-            answers = judge_groups(judge, images, es, candidates)
-            row[name] = {("ua" if g == "forget" else "ua_synonym"): unlearning_accuracy(pred, ps.concept)
-                         for g, (pred, _) in answers.items()}
         own = Path(run["run"]) / "metrics.json"
-        if own.exists():
-            m = json.loads(own.read_text()).get("unlearned", {})
-            row["after_its_run"] = {k: m[k] for k in ("ua", "ua_synonym") if k in m}
-        out[ps.concept] = row
+        earlier = json.loads(own.read_text()) if own.exists() else {}
+        for concept in common.concept_names(run["concept"]):  # a run may have erased several
+            m = earlier.get("concepts", {}).get(concept, earlier)  # that concept's own report
+            same_images = m.get("seed") == seed and m.get("n_forget_images") == n
+            row = {}
+            for name, u in (("base", base_unet), ("now", unet)):
+                if name == "base" and same_images and "base" in m:
+                    row["base"] = {k: m["base"][k] for k in ("ua", "ua_synonym") if k in m["base"]}
+                else:
+                    row[name] = forget_uas(models, u, common.prompt_set(concept, models.toy), judge, n, seed)
+            if "unlearned" in m:
+                row["after_its_run"] = {k: m["unlearned"][k] for k in ("ua", "ua_synonym") if k in m["unlearned"]}
+            out[concept] = row
     return out
+
+
+def forget_uas(models: common.Models, unet, ps: common.PromptSet, judge: Judge, n: int, seed: int) -> dict:
+    """UA and synonym UA of one concept in `unet`: the forget and synonym groups of its eval set."""
+    es = eval_set(ps, n, seed)
+    for g in ("retain_in", "retain_cross"):  # only the forget and synonym groups are asked about
+        es.groups.pop(g, None), es.targets.pop(g, None), es.seeds.pop(g, None)
+    answers = judge_groups(judge, generate(models, unet, es), es, style_candidates(ps))
+    return {("ua" if g == "forget" else "ua_synonym"): unlearning_accuracy(pred, ps.concept)
+            for g, (pred, _) in answers.items()}
 
 
 # An unconditional model's class unlearning (VDU's own setting). There are no prompts: the figures

@@ -61,6 +61,22 @@ def test_a_chained_toy_run_gets_the_toy_defaults_and_reports_the_earlier_concept
     assert "erased earlier, circle: UA" in evaluation.format_table(m)
 
 
+@pytest.mark.slow(10)
+def test_an_earlier_run_of_several_concepts_reports_each_and_reuses_its_base_figures(toy_models, tmp_path):
+    run = save_fake_run(tmp_path / "pure-circle-striped", toy_models.unet, "toy", "circle + striped")
+    figures = lambda ua: {"ua": ua, "ua_synonym": ua}  # noqa: E731  marked values: which were read
+    own = {c: {"seed": 0, "n_forget_images": 2, "base": figures(0.25), "unlearned": figures(0.75)}
+           for c in ("circle", "striped")}
+    own["striped"]["seed"] = 1  # its base images were other ones: drawn again, not read
+    (run / "metrics.json").write_text(json.dumps({"concept": "circle + striped", "concepts": own}))
+    models = common.load_models(str(run), torch.device("cpu"))
+    earlier = evaluation.earlier_concepts(models, models.unet, models.unet, evaluation.Judge(models), n=2, seed=0)
+    assert set(earlier) == {"circle", "striped"}
+    assert earlier["circle"]["base"] == figures(0.25) and earlier["circle"]["after_its_run"] == figures(0.75)
+    assert earlier["striped"]["base"] == earlier["striped"]["now"]  # drawn: the same weights, the same answers
+    assert earlier["striped"]["now"]["ua"] in (0.0, 0.5, 1.0)
+
+
 @pytest.mark.slow(25)
 def test_two_runs_in_a_row_record_the_chain_and_load_in_diffusers(tiny_sd, tmp_path):
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
