@@ -68,9 +68,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Args, dict]:
     """The command line and the run's run.json, with the toy or the SD column filled in."""
     args = common.parse_args(Args, argv)
     folder = Path(args.run)
-    if not args.run or not (folder / "run.json").exists() or not (folder / "unet").is_dir():
-        raise common.UsageError(f"--run {args.run!r} is not a saved run: give a folder with unet/ and run.json "
-                                "(what pure.py, esd.py ... write, e.g. outputs/pure-circle).")
+    if not args.run or not common.saved_run(args.run):
+        raise common.UsageError(f"--run {args.run!r} is not a saved run: give a folder with run.json and unet/ "
+                                "or LoRA weights (what pure.py, esd.py ... write, e.g. outputs/pure-circle).")
     run = json.loads((folder / "run.json").read_text())
     common.fill_defaults(args, TOY_DEFAULTS if run["base_model"] == "toy" else SD_DEFAULTS)
     common.check_ranges(args)
@@ -138,7 +138,7 @@ def setup(args: Args, run: dict):
     models = common.load_models(run["base_model"], device, dtype, args.sample_batch_size)
     ps = common.concept_prompts(run["args"]["concept"], models, common.read_prompt_list(run["args"].get("forget_prompts")))
     common.one_concept(ps, "The attack", "it learns one concept's token")
-    unet = common.load_unet(Path(args.run) / "unet", device).requires_grad_(False)
+    unet = common.load_run_unet(args.run, device).requires_grad_(False)
     models.unet.eval().requires_grad_(False)
     check_init_word(args.init_word, ps)
     return models, ps, unet

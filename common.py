@@ -105,7 +105,7 @@ def load_models(model: str, device: torch.device, dtype: torch.dtype = torch.flo
     run = saved_run(model)
     if run is not None:  # chaining: the base model the run names, with the run's UNet in its place
         models = load_models(run["base_model"], device, dtype, sample_batch_size, unconditional_ok)
-        models.unet = load_unet(Path(model) / "unet", device)
+        models.unet = load_run_unet(model, device)
         models.chain = run.get("chain", []) + [{"run": str(model), "method": run.get("method"),
                                                 "concept": run["args"]["concept"]}]
         return models
@@ -147,9 +147,24 @@ def saved_run(model: str) -> dict | None:
     """The run.json of a saved run folder given as --model (unet/ and run.json, no pipeline of its
     own: the run continues from it), else None."""
     folder = Path(model)
-    if (folder / "run.json").exists() and (folder / "unet").is_dir() and not (folder / "model_index.json").exists():
+    has_result = (folder / "unet").is_dir() or (folder / LORA_FILE).exists()
+    if (folder / "run.json").exists() and has_result and not (folder / "model_index.json").exists():
         return json.loads((folder / "run.json").read_text())
     return None
+
+
+def load_run_unet(folder: str | Path, device: torch.device | str = "cpu"):
+    """The UNet a saved run leaves: its unet/, or for a LoRA run the UNet it started from (the base
+    model, or the earlier run it continued) with its adapters merged into the weights."""
+    folder = Path(folder)
+    if (folder / "unet").is_dir():
+        return load_unet(folder / "unet", device)
+    start = json.loads((folder / "run.json").read_text())["args"]["model"]
+    unet = load_run_unet(start, device) if saved_run(start) else load_unet(resolve_model(start)[0], device)
+    unet.load_lora_adapter(str(folder), prefix="unet", weight_name=LORA_FILE)
+    unet.fuse_lora()
+    unet.unload_lora()  # a plain UNet again: W + B A in its weights
+    return unet.eval()
 
 
 def base_model_name(model: str) -> str:
@@ -228,6 +243,32 @@ def frozen_copy(unet: torch.nn.Module) -> torch.nn.Module:
     notation), in eval mode, with no gradients."""
     import copy
     return copy.deepcopy(unet).eval().requires_grad_(False)
+
+
+def reference(unet: torch.nn.Module, train: str) -> torch.nn.Module:
+    """eps_ref, the model a method measures its UNet against: a frozen copy of the UNet before
+    training, or for --train lora the same UNet with its adapters switched off (no second copy:
+    the adapters are all that trains, and without them the UNet is the starting model)."""
+    return AdaptersOff(unet) if train == "lora" else frozen_copy(unet)
+
+
+class AdaptersOff(torch.nn.Module):
+    """A LoRA-trained UNet seen without its adapters: called like the UNet, it switches them off
+    for the call. Attributes (config, dtype, ...) are the UNet's; it owns no parameters."""
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.__dict__["unet"] = unet  # not a submodule: its weights are not a second model's
+
+    def forward(self, *args, **kwargs):
+        self.unet.disable_adapters()
+        try:
+            return self.unet(*args, **kwargs)
+        finally:
+            self.unet.enable_adapters()
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["unet"], name)
 
 
 @torch.no_grad()
@@ -440,29 +481,61 @@ def add_noise(scheduler, x0: torch.Tensor, generator: torch.Generator | None = N
     return abar.sqrt() * x0 + (1 - abar).sqrt() * eps, t, target
 
 
-def select_trainable(unet: torch.nn.Module, which: str, verbose: bool = True) -> list[torch.nn.Parameter]:
+def select_trainable(unet: torch.nn.Module, which: str, verbose: bool = True, lora_rank: int = 4,
+                     lora_on: str = "full") -> list[torch.nn.Parameter]:
     """Choose the UNet parameters that train, by SD module name.
 
     xattn: cross-attention only (`attn2`: to_q, to_k, to_v, to_out); noxattn: everything else;
-    full: all. Everything not chosen is frozen.
+    full: all; lora: new low-rank adapters (add_lora) on the attention layers of `lora_on`.
+    Everything not chosen is frozen.
     """
     rules = {"xattn": lambda n: ".attn2." in n, "noxattn": lambda n: ".attn2." not in n,
              "full": lambda n: True}
-    if which not in rules:
-        raise UsageError(f"unknown --train {which!r}: use one of {', '.join(rules)}.")
-    params = []
-    for name, p in unet.named_parameters():
-        p.requires_grad_(rules[which](name))
-        if p.requires_grad:
-            params.append(p)
+    if which == "lora":
+        params = add_lora(unet, lora_rank, lora_on)
+    elif which not in rules:
+        raise UsageError(f"unknown --train {which!r}: use one of {', '.join(rules)}, lora.")
+    else:
+        params = []
+        for name, p in unet.named_parameters():
+            p.requires_grad_(rules[which](name))
+            if p.requires_grad:
+                params.append(p)
     if not params:
         raise UsageError(f"--train {which} selects no parameter of this UNet (it has no "
-                         f"{'cross-attention' if which == 'xattn' else 'such'} layers).")
+                         f"{'cross-attention' if 'xattn' in (which, lora_on) else 'such'} layers).")
     if verbose:
         total = sum(p.numel() for p in unet.parameters())
         n = sum(p.numel() for p in params)
         print(f"training {n:,} of {total:,} UNet parameters ({which}, {100 * n / total:.1f}%)")
     return params
+
+
+# LoRA (--train lora): W x becomes W x + B A x on each wrapped projection, A (r x in) random and
+# B (out x r) zero at the start, so training starts exactly at the starting model; only A and B
+# train. The adapters wrap the attention projections (to_q, to_k, to_v, to_out) of the layers a
+# method trains: cross-attention (attn2), self-attention (attn1), or both. alpha = r (scale 1),
+# the scale diffusers assumes when it loads saved adapters.
+LORA_LAYERS = {"xattn": "attn2", "noxattn": "attn1", "full": "attn[12]"}
+
+
+def add_lora(unet: torch.nn.Module, rank: int, on: str) -> list[torch.nn.Parameter]:
+    """Add LoRA adapters of rank `rank` (peft) to the attention layers `on` (a key of LORA_LAYERS),
+    freeze every other weight, and return the adapters' parameters."""
+    from peft import LoraConfig
+    if on not in LORA_LAYERS:
+        raise UsageError(f"unknown --lora-on {on!r}: use one of {', '.join(LORA_LAYERS)}.")
+    unet.requires_grad_(False)
+    targets = rf".*\.{LORA_LAYERS[on]}\.(to_q|to_k|to_v|to_out\.0)"
+    try:
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets))
+    except ValueError:  # peft: no module matched
+        return []
+    return [p for p in unet.parameters() if p.requires_grad]
+
+
+def has_lora(unet: torch.nn.Module) -> bool:
+    return bool(getattr(unet, "peft_config", None))
 
 
 def loss_scaler(mixed_precision: str, device: torch.device):
@@ -1074,7 +1147,10 @@ def save_run(folder: Path, unet: torch.nn.Module, args, models: Models, started:
     time, memory, and `extra`)."""
     if getattr(args, "save_half", False):
         unet.to(torch.float16)  # halves the file; diffusers loads it as it is, or cast with torch_dtype
-    unet.save_pretrained(folder / "unet", safe_serialization=True)
+    if has_lora(unet):  # the adapters alone, as diffusers' pipelines load them (load_lora_weights)
+        save_lora(folder, unet)
+    else:
+        unet.save_pretrained(folder / "unet", safe_serialization=True)
     run = {"args": dataclasses.asdict(args), "base_model": models.name, "base_model_path": models.path,
            # chaining: the saved runs this one continued, oldest first (the base model is the original)
            **({"chain": models.chain} if models.chain else {}),
@@ -1088,6 +1164,19 @@ def save_run(folder: Path, unet: torch.nn.Module, args, models: Models, started:
                   "count toward the run's steps)")
     (folder / "run.json").write_text(json.dumps(run, indent=2))
     return run
+
+
+LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
+
+
+def save_lora(folder: Path, unet: torch.nn.Module) -> None:
+    """A LoRA run's result: its adapters in diffusers' format (safetensors, a few hundred kB on the
+    toy), which `pipe.load_lora_weights(folder)` puts on the pipeline the run started from."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
 
 
 def image_grid(images: torch.Tensor, path: str | Path, row_labels: list[str] | None = None,

@@ -719,8 +719,8 @@ def _finished_runs(runs: list[Path]) -> list[tuple[Path, dict, dict]]:
     """(folder, metrics.json, run.json) of each run; all must be finished runs of one concept."""
     infos = []
     for r in runs:
-        if not (r / "metrics.json").exists() or not (r / "unet").exists():
-            raise common.UsageError(f"{r} is not a finished run (no metrics.json or unet/).")
+        if not (r / "metrics.json").exists() or not common.saved_run(str(r)):
+            raise common.UsageError(f"{r} is not a finished run (no metrics.json, or no unet/ or LoRA weights).")
         infos.append((r, json.loads((r / "metrics.json").read_text()), json.loads((r / "run.json").read_text())))
     if any("concepts" in m for _, m, _ in infos):
         raise common.UsageError("--compare takes runs of one concept each; a run of several concepts is read "
@@ -747,7 +747,7 @@ def compare_images(runs: list[Path], n_seeds: int = 2):
     seeds = [s for _ in prompts for s in range(n_seeds)]
     columns = [common.sample(models, flat, seeds).images]
     for r, _, _ in infos:
-        unet = common.load_unet(r / "unet", device)
+        unet = common.load_run_unet(r, device)
         columns.append(common.sample(models, flat, seeds, unet=unet).images)
     labels = [f"{p} (seed {s})" for p, s in zip(flat, seeds)]
     return torch.stack(columns, 1), labels, ["base"] + [run.get("method", r.name) for r, _, run in infos]
@@ -806,7 +806,7 @@ def main():
         ps = common.concept_prompts(run["args"]["concept"], models,
                                     common.read_prompt_list(run["args"].get("forget_prompts")),
                                     common.read_prompt_list(run["args"].get("retain_prompts")))
-        unet = common.load_unet(run_dir / "unet", device)
+        unet = common.load_run_unet(run_dir, device)
         metrics = report(models, ps, unet, None, args.n_images, args.seed)
     else:
         if not args.concept:

@@ -38,6 +38,11 @@ class Args:
     lr: float = common.arg(None, "Adam learning rate (no weight decay)", ">0")
     anchor_uncond: bool = common.arg(True, "also hold the empty prompt's prediction at the frozen "
                                            "unconditional target (reconstructed, see `loss`)")
+    train: str = common.arg("xattn", "which UNet parameters train: cross-attention (the paper's) or LoRA "
+                                     "adapters (--lora-rank, --lora-on)", choices=["xattn", "lora"])
+    lora_rank: int = common.arg(4, "--train lora: the adapters' rank r", ">=1")
+    lora_on: str = common.arg("xattn", "--train lora: the attention layers wrapped (xattn: cross, noxattn: "
+                              "self, full: both)", choices=list(common.LORA_LAYERS))
     n_forget: int = common.arg(None, "images in the generated forgetting set", ">=1")
     batch_size: int = common.arg(None, "forget images per step", ">=1")
     forget_prompts: list[str] = common.arg([], "override the forget prompts (or @file.txt)")
@@ -57,12 +62,18 @@ class Args:
 # Where the toy and Stable Diffusion defaults differ. Evidence: docs/methods/mim_mu.md, "Defaults".
 SD_DEFAULTS = dict(epochs=30, lr=1e-5, n_forget=100, batch_size=8)
 TOY_DEFAULTS = dict(epochs=30, lr=3e-4, n_forget=64, batch_size=16)
+# --train lora: LoRA's B starts at zero and few weights train, so a larger step than full weights
+# (toy: chosen on seed 0, docs/methods/mim_mu.md "LoRA"; SD: the usual tenfold, not measured)
+LORA_LR = dict(toy=3e-3, sd=1e-4)
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
     """The command line, with the toy or the SD column filled in and every number checked."""
     args = common.parse_args(Args, argv)
-    common.fill_defaults(args, TOY_DEFAULTS if common.base_model_name(args.model) == "toy" else SD_DEFAULTS)
+    toy = common.base_model_name(args.model) == "toy"
+    if args.train == "lora" and args.lr is None:  # adapters start at zero: their own, larger step
+        args.lr = LORA_LR["toy" if toy else "sd"]
+    common.fill_defaults(args, TOY_DEFAULTS if toy else SD_DEFAULTS)
     common.check_ranges(args)
     return args
 
@@ -76,8 +87,8 @@ def setup(args: Args):
     models = common.load_models(args.model, device, dtype, args.sample_batch_size)
     ps = common.concept_prompts(args.concept, models, common.read_prompt_list(args.forget_prompts),
                                 common.read_prompt_list(args.retain_prompts))
-    unet_ref = common.frozen_copy(models.unet)              # eps_ref: the reference, frozen
-    params = common.select_trainable(models.unet, "xattn")  # theta: cross-attention only
+    unet_ref = common.reference(models.unet, args.train)  # eps_ref: the reference, frozen
+    params = common.select_trainable(models.unet, args.train, lora_rank=args.lora_rank, lora_on=args.lora_on)  # theta
     if args.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
     return models, ps, unet_ref, params

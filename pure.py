@@ -34,7 +34,11 @@ class Args:
     concept: str = common.arg("", "what to forget: a toy concept (circle, striped, ...) or an SD "
                                   "concept ('Van Gogh', 'church', 'nudity')")
     model: str = common.arg(common.DEFAULT_MODEL, "'toy', a hub id or a local diffusers folder")
-    train: str = common.arg("full", "which UNet parameters train", choices=["full", "xattn", "noxattn"])
+    train: str = common.arg("full", "which UNet parameters train (lora: new adapters, --lora-rank, --lora-on)",
+                            choices=["full", "xattn", "noxattn", "lora"])
+    lora_rank: int = common.arg(4, "--train lora: the adapters' rank r", ">=1")
+    lora_on: str = common.arg("full", "--train lora: the attention layers wrapped (xattn: cross, noxattn: "
+                              "self, full: both)", choices=list(common.LORA_LAYERS))
     steps: int = common.arg(None, "total optimiser steps (forget bursts + repair steps)", ">=1")
     lr: float = common.arg(None, "Adam learning rate", ">0")
     beta: float = common.arg(None, "NPO inverse temperature: larger saturates forgetting sooner", ">0")
@@ -62,12 +66,18 @@ class Args:
 # Where the toy and Stable Diffusion defaults differ. Evidence: docs/methods/pure.md, "Defaults".
 SD_DEFAULTS = dict(steps=100, lr=1e-5, beta=100.0, kl_weight=1.0, n_forget=50, n_retain=50, batch_size=4)
 TOY_DEFAULTS = dict(steps=200, lr=2e-4, beta=30.0, kl_weight=10.0, n_forget=64, n_retain=64, batch_size=16)
+# --train lora: LoRA's B starts at zero and few weights train, so a larger step than full weights
+# (toy: chosen on seed 0, docs/methods/pure.md "LoRA"; SD: the usual tenfold, not measured)
+LORA_LR = dict(toy=2e-3, sd=1e-4)
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
     """The command line, with the toy or the SD column filled in and every number checked."""
     args = common.parse_args(Args, argv)
-    common.fill_defaults(args, TOY_DEFAULTS if common.base_model_name(args.model) == "toy" else SD_DEFAULTS)
+    toy = common.base_model_name(args.model) == "toy"
+    if args.train == "lora" and args.lr is None:  # adapters start at zero: their own, larger step
+        args.lr = LORA_LR["toy" if toy else "sd"]
+    common.fill_defaults(args, TOY_DEFAULTS if toy else SD_DEFAULTS)
     common.check_ranges(args)
     return args
 
@@ -81,8 +91,8 @@ def setup(args: Args):
     models = common.load_models(args.model, device, dtype, args.sample_batch_size)
     ps = common.concept_prompts(args.concept, models, common.read_prompt_list(args.forget_prompts),
                                 common.read_prompt_list(args.retain_prompts))
-    unet_ref = common.frozen_copy(models.unet)                 # eps_ref: the reference, frozen
-    params = common.select_trainable(models.unet, args.train)  # theta: what trains
+    unet_ref = common.reference(models.unet, args.train)  # eps_ref: the reference, frozen
+    params = common.select_trainable(models.unet, args.train, lora_rank=args.lora_rank, lora_on=args.lora_on)  # theta
     if args.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
     return models, ps, unet_ref, params

@@ -54,8 +54,11 @@ class Args:
     concept: str = common.arg("", "what to forget: a toy concept (circle, striped, ...) or an SD "
                                   "concept ('Van Gogh', 'church', 'nudity')")
     model: str = common.arg(common.DEFAULT_MODEL, "'toy', a hub id or a local diffusers folder")
-    train: str = common.arg("xattn", "policy parameters (LoRA is not used: peft is not a dependency)",
-                            choices=["xattn", "noxattn", "full"])
+    train: str = common.arg("xattn", "policy parameters (lora: new adapters, --lora-rank, --lora-on)",
+                            choices=["xattn", "noxattn", "full", "lora"])
+    lora_rank: int = common.arg(4, "--train lora: the adapters' rank r", ">=1")
+    lora_on: str = common.arg("xattn", "--train lora: the attention layers wrapped (xattn: cross, noxattn: "
+                              "self, full: both)", choices=list(common.LORA_LAYERS))
     iterations: int = common.arg(None, "policy iterations (sample -> fit critic -> PPO)", ">=1")
     samples_per_iteration: int = common.arg(None, "trajectories per iteration (half forget, half retain: at least 4)", ">=4")
     sample_steps: int = common.arg(None, "DDIM steps of a trajectory (the MDP's horizon)", ">=1")
@@ -123,6 +126,9 @@ TOY_DEFAULTS = dict(iterations=60, samples_per_iteration=32, sample_steps=10, gu
                     lr=1e-3, minibatch=64, grad_accumulation=1, clip_range=1e-4, train_steps=0.5,
                     kl_weight=0.3)
 
+# --train lora: LoRA's B starts at zero and few weights train, so a larger step than full weights
+# (toy: chosen on seed 0, docs/methods/rl_critic.md "LoRA"; SD: the usual tenfold, not measured)
+LORA_LR = dict(toy=1e-2, sd=1e-4)
 
 # Iteration k of a run with --seed s draws its prompts and image seeds from generator s * 100_000 + k.
 ROLLOUT_SEED_STRIDE = 100_000
@@ -131,7 +137,10 @@ ROLLOUT_SEED_STRIDE = 100_000
 def parse_args(argv: list[str] | None = None) -> Args:
     """The command line, with the toy or the SD column filled in and every number checked."""
     args = common.parse_args(Args, argv)
-    common.fill_defaults(args, TOY_DEFAULTS if common.base_model_name(args.model) == "toy" else SD_DEFAULTS)
+    toy = common.base_model_name(args.model) == "toy"
+    if args.train == "lora" and args.lr is None:  # adapters start at zero: their own, larger step
+        args.lr = LORA_LR["toy" if toy else "sd"]
+    common.fill_defaults(args, TOY_DEFAULTS if toy else SD_DEFAULTS)
     common.check_ranges(args)
     return args
 
@@ -148,8 +157,8 @@ def setup(args: Args):
                                 common.read_prompt_list(args.retain_prompts))
     if args.reward == "classifier":
         common.one_concept(ps, "CGRU with --reward classifier", "the judge's reward names one concept")
-    unet_ref = common.frozen_copy(models.unet)                 # the reference policy, frozen
-    params = common.select_trainable(models.unet, args.train)  # theta: what trains
+    unet_ref = common.reference(models.unet, args.train)  # the reference policy, frozen
+    params = common.select_trainable(models.unet, args.train, lora_rank=args.lora_rank, lora_on=args.lora_on)  # theta
     if args.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
     clip = evaluation.load_clip(models, args.clip_model)       # frozen: reward and critic features

@@ -56,7 +56,9 @@ class Args:
                                   "concept ('Van Gogh', 'church', 'nudity')")
     model: str = common.arg(common.DEFAULT_MODEL, "'toy', 'toy-uncond' (unconditional: a class setting), a hub "
                                                   "id or a local diffusers folder")
-    train: str = common.arg("full", "which UNet parameters train", choices=["full", "xattn", "noxattn"])
+    train: str = common.arg("full", "which UNet parameters train (lora is refused: the prior is on weights a "
+                                  "fresh adapter does not have)",
+                            choices=["full", "xattn", "noxattn", "lora"])
     precision_from: str = common.arg(None, "where mu* and the precision come from",
                                      choices=["checkpoints", "fisher", "l2"])
     checkpoints: list[str] = common.arg([], "UNets of the same architecture (folders or hub ids with "
@@ -111,6 +113,10 @@ def parse_args(argv: list[str] | None = None) -> Args:
     """The command line, with the toy or the SD column filled in and every number checked. On the
     toy, --precision-from checkpoints defaults to the snapshot UNets the toy world ships."""
     args = common.parse_args(Args, argv)
+    if args.train == "lora":
+        raise common.UsageError("VDU does not train LoRA adapters: its stability term is a prior on each "
+                                "trained weight (mean and precision from checkpoints or the Fisher), which "
+                                "a fresh adapter does not have; use --train full, xattn or noxattn.")
     base = common.base_model_name(args.model)  # a saved run continues from the model it names
     common.fill_defaults(args, DEFAULTS.get(base, SD_DEFAULTS))
     common.check_ranges(args)

@@ -45,7 +45,10 @@ class Args:
     train: str = common.arg(None, "which UNet parameters train: xattn (ESD-x), noxattn (ESD-u) or full; "
                                   "default by the concept's kind: xattn for styles, textures and colours, "
                                   "noxattn for objects, shapes and nudity",
-                            choices=["full", "xattn", "noxattn"])
+                            choices=["full", "xattn", "noxattn", "lora"])
+    lora_rank: int = common.arg(4, "--train lora: the adapters' rank r", ">=1")
+    lora_on: str = common.arg(None, "--train lora: the attention layers wrapped (xattn: cross, noxattn: "
+                              "self, full: both); default: the layers of the kind's --train", choices=list(common.LORA_LAYERS))
     steps: int = common.arg(None, "optimiser steps", ">=1")
     lr: float = common.arg(None, "Adam learning rate", ">0")
     negative_guidance: float = common.arg(1.0, "eta: how far the target steps away from the concept", ">0")
@@ -72,7 +75,8 @@ SD_DEFAULTS = dict(steps=1000, lr=1e-5, sample_steps=50, batch_size=1)
 TOY_DEFAULTS = dict(steps=150, sample_steps=20, batch_size=8)
 # On the toy the learning rate that forgets without wrecking the neighbours differs tenfold
 # between the two variants (cross-attention is 5% of the UNet), so it follows --train.
-TOY_LR = {"xattn": 1e-4, "noxattn": 1.5e-5, "full": 1.5e-5}
+TOY_LR = {"xattn": 1e-4, "noxattn": 1.5e-5, "full": 1.5e-5, "lora": 1e-3}  # lora: chosen on seed 0
+SD_LORA_LR = 1e-4  # --train lora on SD: the usual tenfold of the full-weight rate, not measured
 
 # ESD's rule for what trains: cross-attention holds how a word is drawn (styles), the rest holds
 # what is drawn (objects). The toy's textures and colours play the part of styles.
@@ -86,8 +90,13 @@ def parse_args(argv: list[str] | None = None) -> Args:
     """The command line, with the toy or the SD column filled in and every number checked; --train
     follows the concept's kind, and on the toy --lr follows --train."""
     args = common.parse_args(Args, argv)
-    common.fill_defaults(args, TOY_DEFAULTS if common.base_model_name(args.model) == "toy" else SD_DEFAULTS)
-    args.train = args.train or TRAIN_BY_KIND[common.concept_kind(args.concept, args.model)]
+    toy = common.base_model_name(args.model) == "toy"
+    common.fill_defaults(args, TOY_DEFAULTS if toy else SD_DEFAULTS)
+    by_kind = TRAIN_BY_KIND[common.concept_kind(args.concept, args.model)]
+    args.train = args.train or by_kind
+    args.lora_on = args.lora_on or by_kind  # LoRA wraps the attention layers of ESD-x or ESD-u
+    if args.train == "lora" and not toy:
+        args.lr = args.lr or SD_LORA_LR
     args.lr = args.lr or TOY_LR[args.train]  # SD's lr is in SD_DEFAULTS
     common.check_ranges(args)
     return args
@@ -102,10 +111,10 @@ def setup(args: Args):
     models = common.load_models(args.model, device, dtype, args.sample_batch_size)
     ps = common.concept_prompts(args.concept, models, common.read_prompt_list(args.forget_prompts),
                                 common.read_prompt_list(args.retain_prompts))
-    unet_ref = common.frozen_copy(models.unet)                 # eps*: the starting UNet, frozen
+    unet_ref = common.reference(models.unet, args.train)      # eps*: the starting UNet, frozen
     # Ours differs (ESD-u): `noxattn` trains everything outside attn2; the original script also
     # freezes the time embedding and the output layers (conv_norm_out, conv_out).
-    params = common.select_trainable(models.unet, args.train)  # theta: what trains
+    params = common.select_trainable(models.unet, args.train, lora_rank=args.lora_rank, lora_on=args.lora_on)  # theta
     if args.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
     return models, ps, unet_ref, params

@@ -48,7 +48,12 @@ class Args:
                                   "concept ('Van Gogh', 'church', 'nudity')")
     model: str = common.arg(common.DEFAULT_MODEL, "'toy', a hub id or a local diffusers folder")
     train: str = common.arg(None, "which UNet parameters train: full (the public code's default) or "
-                                  "xattn (cross-attention only, its option)", choices=["full", "xattn"])
+                                  "xattn (cross-attention only, its option), or lora (--lora-rank, --lora-on)",
+                            choices=["full", "xattn", "lora"])
+    lora_rank: int = common.arg(4, "--train lora: the adapters' rank r", ">=1")
+    lora_on: str = common.arg(None, "--train lora: the attention layers wrapped (xattn: cross, noxattn: "
+                              "self, full: both); default: those of the model's default --train",
+                              choices=list(common.LORA_LAYERS))
     steps: int = common.arg(None, "optimiser steps", ">=1")
     lr: float = common.arg(None, "AdamW learning rate", ">0")
     weight_decay: float = common.arg(0.01, "AdamW weight decay", ">=0")
@@ -78,12 +83,19 @@ SD_DEFAULTS = dict(train="full", steps=35, lr=2e-6, batch_size=1, n_forget=10)
 # The toy: cross-attention at lr 1e-4 for the paper's 35 steps; every setting that forgot more lost
 # more than 10 points of the neighbours (the full UNet soonest), see docs/lab/searches/fmn.md.
 TOY_DEFAULTS = dict(train="xattn", steps=35, lr=1e-4, batch_size=8, n_forget=64)
+# --train lora: LoRA's B starts at zero and few weights train, so a larger step than full weights
+# (toy: chosen on seed 0, docs/methods/fmn.md "LoRA"; SD: the usual tenfold, not measured)
+LORA_LR = dict(toy=1e-3, sd=2e-5)
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
     """The command line, with the toy or the SD column filled in and every number checked."""
     args = common.parse_args(Args, argv)
-    common.fill_defaults(args, TOY_DEFAULTS if common.base_model_name(args.model) == "toy" else SD_DEFAULTS)
+    toy = common.base_model_name(args.model) == "toy"
+    if args.train == "lora" and args.lr is None:  # adapters start at zero: their own, larger step
+        args.lr = LORA_LR["toy" if toy else "sd"]
+    common.fill_defaults(args, TOY_DEFAULTS if toy else SD_DEFAULTS)
+    args.lora_on = args.lora_on or (TOY_DEFAULTS if toy else SD_DEFAULTS)["train"]  # the layers it would train
     common.check_ranges(args)
     return args
 
@@ -98,8 +110,9 @@ def setup(args: Args):
     models = common.load_models(args.model, device, dtype, args.sample_batch_size)
     ps = common.concept_prompts(args.concept, models, common.read_prompt_list(args.forget_prompts),
                                 common.read_prompt_list(args.retain_prompts))
-    unet_ref = common.frozen_copy(models.unet).to("cpu")       # for the evaluation only: in host memory
-    params = common.select_trainable(models.unet, args.train)  # theta: what trains
+    # for the evaluation only: in host memory (LoRA: the same UNet with its adapters off)
+    unet_ref = common.reference(models.unet, args.train).to("cpu" if args.train != "lora" else device)
+    params = common.select_trainable(models.unet, args.train, lora_rank=args.lora_rank, lora_on=args.lora_on)  # theta
     if args.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
     recorder = AttentionRecorder.install(models.unet)

@@ -47,8 +47,8 @@ class Args:
     concept: str = common.arg("", "what to forget: a toy concept (circle, striped, ...) or an SD "
                                   "concept ('Van Gogh', 'church', 'nudity')")
     model: str = common.arg(common.DEFAULT_MODEL, "'toy', a hub id or a local diffusers folder")
-    train: str = common.arg("full", "which UNet parameters the mask ranks and trains",
-                            choices=["full", "xattn", "noxattn"])
+    train: str = common.arg("full", "which UNet parameters the mask ranks and trains (lora is refused: the "
+                                    "mask ranks weights a fresh adapter does not have)", choices=["full", "xattn", "noxattn", "lora"])
     mask_ratio: float = common.arg(0.5, "share of the trained weights the saliency mask keeps", "(0,1]")
     mask_guidance: float = common.arg(7.5, "w of the guided prediction (1 + w) eps_c - w eps_u in the saliency "
                                            "loss", ">=0")
@@ -83,6 +83,10 @@ TOY_DEFAULTS = dict(steps=200, lr=3e-4, alpha=0.5, n_forget=64, n_retain=64, bat
 def parse_args(argv: list[str] | None = None) -> Args:
     """The command line, with the toy or the SD column filled in and every number checked."""
     args = common.parse_args(Args, argv)
+    if args.train == "lora":
+        raise common.UsageError("SalUn does not train LoRA adapters: its mask ranks weights by their forget "
+                                "gradient, and a fresh adapter has none to rank (B = 0 makes A's gradient "
+                                "vanish); use --train full, xattn or noxattn.")
     common.fill_defaults(args, TOY_DEFAULTS if common.base_model_name(args.model) == "toy" else SD_DEFAULTS)
     common.check_ranges(args)
     return args
