@@ -79,7 +79,10 @@ VARIANTS = {"pure_100_steps": ("pure", ["--steps", "100"]),
             # with all three snapshots and with two; at gamma 0.5, the toy default when they first ran
             "vdu_3_snapshots": ("vdu", ["--gamma", "0.5", "--precision-from", "checkpoints"]),
             "vdu_2_snapshots": ("vdu", ["--gamma", "0.5", "--precision-from", "checkpoints", "--checkpoints",
-                                        "toy/snapshots/unet-1", "toy/snapshots/unet-2"])}
+                                        "toy/snapshots/unet-1", "toy/snapshots/unet-2"]),
+            # LoRA adapters instead of full weights (each method's toy LoRA learning rate; SalUn and
+            # VDU refuse LoRA), measured on the development seeds beside the full-weight runs
+            **{f"{m}_lora": (m, ["--train", "lora"]) for m in ("pure", "mim_mu", "rl_critic", "esd", "fmn")}}
 CONCEPTS = world.SHAPES + world.TEXTURES
 SEEDS = [0, 1, 2]       # the development seeds: every default was chosen on these
 TEST_SEEDS = [3, 4, 5]  # held out: nothing was tuned on them; the headline
@@ -123,11 +126,17 @@ def require_clean_tree(allow_dirty: bool) -> None:
                          "that made them), or pass --allow-dirty for a development run that never enters the headline.")
 
 
-def unet_sha256(folder: Path) -> str:
-    """The sha256 of a saved UNet's weights file: which weights a record measured or attacked."""
+def result_file(run: Path) -> Path:
+    """A saved run's weights file: its UNet's, or a LoRA run's adapters."""
+    unet = Path(run) / "unet" / "diffusion_pytorch_model.safetensors"
+    return unet if unet.exists() else Path(run) / common.LORA_FILE
+
+
+def unet_sha256(run: Path) -> str:
+    """The sha256 of a saved run's weights file (result_file): which weights a record measured or attacked."""
     import hashlib
     h = hashlib.sha256()
-    with open(Path(folder) / "diffusion_pytorch_model.safetensors", "rb") as f:
+    with open(result_file(run), "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
@@ -195,11 +204,11 @@ class Evaluator:
         self._base[(concept, seed)] = out
         return out
 
-    def unlearned(self, unet_folder: Path, concept: str, seed: int) -> tuple[dict, float]:
+    def unlearned(self, run: Path, concept: str, seed: int) -> tuple[dict, float]:
         ps, es = self.eval_set(concept, seed)
         _, base_feats = self.base(concept, seed)
         t0 = time.time()
-        unet = common.load_unet(unet_folder, self.models.device)
+        unet = common.load_run_unet(run, self.models.device)
         m, _, feats = evaluation.evaluate(self.models, unet, es, self.judge, self.clip, ps.concept)
         m["fd_clip"] = evaluation.frechet_distance(feats, base_feats)
         m["kid_clip"] = evaluation.kernel_distance(feats, base_feats)
@@ -221,13 +230,13 @@ def run_method(name: str, concept: str, seed: int, ev: Evaluator) -> dict | None
         return None
     run = json.loads((out / "run.json").read_text())
     base, _ = ev.base(concept, seed)
-    m, eval_time = ev.unlearned(out / "unet", concept, seed)
+    m, eval_time = ev.unlearned(out, concept, seed)
     rec = {"method": name, "concept": concept, "seed": seed, "commit": commit(), "n_images": N_IMAGES,
            "command": " ".join(["python", script, "--model", "toy", "--concept", concept, "--seed", str(seed), *extra]),
            # what exactly ran (the output folder relative to the repository) and which weights were evaluated
            "argv": [str(Path(c).relative_to(ROOT)) if c == str(out) else c for c in cmd[1:]],
-           "unet_sha256": unet_sha256(out / "unet"), "kid_estimator": KID_ESTIMATOR,
-           "args": run["args"], "train_time_s": run["wall_time_s"], "eval_time_s": round(eval_time, 1),
+           "unet_sha256": unet_sha256(out), "result_mb": round(result_file(out).stat().st_size / 2 ** 20, 3),
+           "kid_estimator": KID_ESTIMATOR, "args": run["args"], "train_time_s": run["wall_time_s"], "eval_time_s": round(eval_time, 1),
            # what one standalone run takes, less its base evaluation (the benchmark shares that)
            "wall_time_s": round(run["wall_time_s"] + eval_time, 1),
            "base": base, "unlearned": m}
@@ -261,17 +270,17 @@ class Attacker:
     def one(self, name: str, concept: str, seed: int) -> dict | None:
         """The attack on one saved run (or, name "base", on the base model), recorded."""
         path = ATTACKS / name / f"{concept}-seed{seed}.json"
-        unet_folder = WORK / f"{name}-{concept}-seed{seed}" / "unet"
-        if path.exists() or (name != "base" and not unet_folder.exists()):
+        run = WORK / f"{name}-{concept}-seed{seed}"
+        if path.exists() or (name != "base" and not result_file(run).exists()):
             return None
         t0 = time.time()
         ps, x0, seeds = self._data(concept, seed)
-        unet = self.models.unet if name == "base" else common.load_unet(unet_folder).requires_grad_(False)
+        unet = self.models.unet if name == "base" else common.load_run_unet(run).requires_grad_(False)
         out = attack.attack(self.args, self.models, unet, self.judge, ps, x0, seeds, f"attack {name} {concept}")
         budget = {k: getattr(self.args, k) for k in ("steps", "lr", "batch_size", "n_images", "init_word", "seed")}
         rec = {"method": name, "concept": concept, "seed": seed, "commit": commit(),
-               "unet_sha256": unet_sha256(unet_folder) if name != "base" else "the base toy UNet",
-               "command": f"python attack.py --run {unet_folder.parent.relative_to(ROOT)}" if name != "base" else
+               "unet_sha256": unet_sha256(run) if name != "base" else "the base toy UNet",
+               "command": f"python attack.py --run {run.relative_to(ROOT)}" if name != "base" else
                "attack.attack on the base toy UNet (the control of python attack.py)",
                "asr": out["asr"], "n_eval_images": len(seeds), "eval_seeds": [seeds[0], seeds[-1]],
                "budget": {**budget, "prompt": attack.template(self.models, ps)}, "final_loss": out["final_loss"],
@@ -465,8 +474,17 @@ CLAIMS = [
 ]
 
 
+# Ours, not a paper's (their own family, apart from the papers' claims): LoRA adapters forget and keep
+# comparably to full weights, each within 5 points, on the development seeds where both were run.
+LORA_CLAIMS = [c for m in ("pure", "mim_mu", "rl_critic", "esd", "fmn") for c in (
+    ("LoRA", f"{evaluation.METHODS[m]['label']}: LoRA forgets comparably to full weights (UA within 5 points)",
+     "ua_comparable", f"{m}_lora", m, +1, "ours"),
+    ("LoRA", f"{evaluation.METHODS[m]['label']}: LoRA keeps comparably to full weights (in-domain drop within 5 "
+     "points)", "retain_in_drop_comparable", f"{m}_lora", m, -1, "ours"))]
+
+
 def claim_value(rec: dict, metric: str) -> float:
-    return figures(rec)["ua" if metric == "ua_comparable" else metric]
+    return figures(rec)[metric.removesuffix("_comparable")]
 
 
 MIN_FORGOTTEN_CONCEPTS = 3  # a "both forget" claim with fewer such concepts is not testable
@@ -490,7 +508,9 @@ def check_claim(records: dict, claim, level: float = 1 - ALPHA) -> dict:
         out = {}
         for u in units:
             other = claim_value(records[(against, *u)], metric) if isinstance(against, str) else against
-            out[u] = claim_value(records[(method, *u)], metric) - other + (5.0 if metric == "ua_comparable" else 0.0)
+            # "comparable": within 5 points on the claimed side (UA above the other's - 5, a drop below its + 5)
+            margin = 5.0 * direction if metric.endswith("_comparable") else 0.0
+            out[u] = claim_value(records[(method, *u)], metric) - other + margin
         return out
     every = diffs(units)
     if both_forget:
@@ -885,6 +905,41 @@ def results_section(records: dict, seeds: list[int], heading: str) -> list[str]:
     return lines
 
 
+def lora_section(records: dict) -> list[str]:
+    """LoRA beside full weights, per method, on the units (development seeds) where both ran."""
+    rows = []
+    full_mb = result_file(common.TOY_DIR / "pipeline").stat().st_size / 2 ** 20  # a full-weight result: the UNet
+    for method in evaluation.METHODS:
+        units = {(c, s) for (n, c, s) in records if n == f"{method}_lora"} & {(c, s) for (n, c, s) in records
+                                                                             if n == method}
+        if not units:
+            continue
+        for name in (method, f"{method}_lora"):
+            recs = {u: records[(name, *u)] for u in units}
+            cells = [fmt_interval({u: figures(r)[k] for u, r in recs.items()}) for k in
+                     ("ua", "retain_in_drop", "worst_drop")]
+            size = np.mean([r.get("result_mb", full_mb) for r in recs.values()])
+            rows.append([label(name), *cells, fmt(np.mean([r["wall_time_s"] for r in recs.values()]), 0),
+                         fmt(size, 2), f"{len({c for c, _ in units})} x {len(units) // len({c for c, _ in units})}"])
+    if not rows:
+        return []
+    claims = holm([check_claim(records, c) for c in LORA_CLAIMS])
+    claim_rows = [[c["claim"], str(c["n"]), "-" if c["n"] == 0 else
+                   f"{fmt(c['mean'])} [{fmt(c['low'])}, {fmt(c['high'])}]", c["holm_verdict"]]
+                  for c in claims if c["verdict"] != "not measured yet"]
+    return ["## LoRA adapters beside full weights (development seeds)", "",
+            "`--train lora`: peft adapters of rank 4 on the attention layers each method trains, at its own "
+            "toy learning rate (chosen on seed 0; SalUn and VDU refuse LoRA). Each pair of rows is measured "
+            "on the same (concept, seed) units; wall time per run in seconds, result size in MB (a full-weight "
+            "result is the whole toy UNet). Intervals over concepts, seeds averaged first.", "",
+            evaluation.markdown_table(["method", "UA (%)", "in-domain drop (pts)", "worst-value drop (pts)",
+                                       "wall time (s)", "result (MB)", "concepts x seeds"], rows), "",
+            "Our claim, per method: LoRA forgets and keeps comparably to full weights (each within 5 points: "
+            "the figure is LoRA's UA minus full weights' plus 5, or LoRA's drop minus full weights' minus 5; "
+            "Holm's correction over these rows alone, apart from the papers' claims):", "",
+            evaluation.markdown_table(["claim", "concepts", "difference [95%]", "verdict (Holm)"], claim_rows), ""]
+
+
 def complete(records: dict, name: str) -> bool:
     """Whether `name` has every (concept, seed) unit of these records' seeds: the held-out seeds
     become the headline (and a claim's evidence) only whole, never from the first few units."""
@@ -937,6 +992,7 @@ def write_docs(records: dict, docs: Path, command_note: str) -> None:
                   "seeds, against how much the 3-seed means differ between methods and concepts.", ""]
         lines += scatter + [""]
     lines += attack_section(records)
+    lines += lora_section(dev)
     lines += [f"## Per concept ({seeds_name(headline_seeds)}: 3-seed mean, min to max in brackets)", "",
               "Own bar: UA >= " f"{evaluation.BAR_UA:.0%} with in-domain retain at most "
               + ", ".join(f"{100 * m['max_retain_drop']:.0f} ({label(k)})" for k, m in methods.items())

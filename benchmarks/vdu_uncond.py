@@ -64,7 +64,7 @@ def run(variant: str, shape: str, seed: int) -> dict | None:
     run_json = json.loads((out / "run.json").read_text())
     rec = {"variant": variant, "concept": shape, "seed": seed, "commit": commit(),
            "command": " ".join(["python", "vdu.py", *args]), "args": run_json["args"],
-           "unet_sha256": unet_sha256(out / "unet"), "kid_estimator": KID_ESTIMATOR,
+           "unet_sha256": unet_sha256(out), "kid_estimator": KID_ESTIMATOR,
            "wall_time_s": metrics["wall_time_s"], "eval_time_s": metrics["eval_time_s"], "metrics": metrics}
     write_json(RECORDS / variant / f"{shape}-seed{seed}.json", rec)
     m = metrics

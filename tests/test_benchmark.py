@@ -71,6 +71,26 @@ def test_a_claim_holds_fails_or_is_inconclusive_by_its_paired_interval():
     assert kid["verdict"].startswith("not testable") and kid["unmatched"] is not None
 
 
+def test_comparable_means_within_5_points_on_the_claimed_side_and_lora_stands_beside_full_weights():
+    recs = {}
+    for i, (c, s) in enumerate([(c, s) for c in ("circle", "square", "triangle", "ring") for s in (0, 1)]):
+        wobble = 0.01 if i % 2 else -0.01
+        recs[("pure", c, s)] = _record("pure", c, s, ua=0.95, retain_in=0.90)
+        # LoRA: 3 points less UA and 3 points more drop than full weights (within 5), or 8 (not)
+        recs[("pure_lora", c, s)] = {**_record("pure_lora", c, s, ua=0.92 + wobble, retain_in=0.87 + wobble),
+                                     "result_mb": 0.13}
+        recs[("esd", c, s)] = _record("esd", c, s, ua=0.95, retain_in=0.90)
+        recs[("esd_lora", c, s)] = _record("esd_lora", c, s, ua=0.87 + wobble, retain_in=0.82 + wobble)
+    verdict = lambda *claim: compare_toy.check_claim(recs, ("LoRA", "", *claim))["verdict"]  # noqa: E731
+    assert verdict("ua_comparable", "pure_lora", "pure", +1) == "holds"
+    assert verdict("retain_in_drop_comparable", "pure_lora", "pure", -1) == "holds"
+    assert verdict("ua_comparable", "esd_lora", "esd", +1) == "fails"
+    assert verdict("retain_in_drop_comparable", "esd_lora", "esd", -1) == "fails"
+    text = "\n".join(compare_toy.lora_section(recs))
+    assert "| PURE `--train lora` | 92.0" in text and "| 0.13 | 4 x 2 |" in text
+    assert text.count("| holds |") == 2 and text.count("| fails |") == 2
+
+
 def test_holm_tests_the_i_th_smallest_p_value_at_alpha_over_m_minus_i_and_stops_at_the_first_miss():
     def claim(p, mean=1.0):
         return {"p": p, "mean": mean, "direction": +1, "verdict": "holds" if p < 0.05 else "inconclusive",
