@@ -63,7 +63,7 @@ class Args:
 SD_DEFAULTS = dict(epochs=30, lr=1e-5, n_forget=100, batch_size=8)
 TOY_DEFAULTS = dict(epochs=30, lr=3e-4, n_forget=64, batch_size=16)
 # --train lora: LoRA's B starts at zero and few weights train, so a larger step than full weights
-# (toy: chosen on seed 0, docs/methods/mim_mu.md "LoRA"; SD: the usual tenfold, not measured)
+# (toy and SD: the usual tenfold of the full-weight rate, not searched yet; docs/methods/mim_mu.md "LoRA")
 LORA_LR = dict(toy=3e-3, sd=1e-4)
 
 

@@ -127,7 +127,7 @@ TOY_DEFAULTS = dict(iterations=60, samples_per_iteration=32, sample_steps=10, gu
                     kl_weight=0.3)
 
 # --train lora: LoRA's B starts at zero and few weights train, so a larger step than full weights
-# (toy: chosen on seed 0, docs/methods/rl_critic.md "LoRA"; SD: the usual tenfold, not measured)
+# (toy and SD: the usual tenfold of the full-weight rate, not searched yet; docs/methods/rl_critic.md "LoRA")
 LORA_LR = dict(toy=1e-2, sd=1e-4)
 
 # Iteration k of a run with --seed s draws its prompts and image seeds from generator s * 100_000 + k.

@@ -75,7 +75,7 @@ SD_DEFAULTS = dict(steps=1000, lr=1e-5, sample_steps=50, batch_size=1)
 TOY_DEFAULTS = dict(steps=150, sample_steps=20, batch_size=8)
 # On the toy the learning rate that forgets without wrecking the neighbours differs tenfold
 # between the two variants (cross-attention is 5% of the UNet), so it follows --train.
-TOY_LR = {"xattn": 1e-4, "noxattn": 1.5e-5, "full": 1.5e-5, "lora": 1e-3}  # lora: chosen on seed 0
+TOY_LR = {"xattn": 1e-4, "noxattn": 1.5e-5, "full": 1.5e-5, "lora": 1e-3}  # lora: not searched yet
 SD_LORA_LR = 1e-4  # --train lora on SD: the usual tenfold of the full-weight rate, not measured
 
 # ESD's rule for what trains: cross-attention holds how a word is drawn (styles), the rest holds
