@@ -716,18 +716,16 @@ def _footer(metrics: dict) -> str:
 
 
 def _finished_runs(runs: list[Path]) -> list[tuple[Path, dict, dict]]:
-    """(folder, metrics.json, run.json) of each run; all must be finished runs of one concept."""
+    """(folder, metrics.json, run.json) of each run; all must be finished runs of one concept (or of
+    the same several concepts)."""
     infos = []
     for r in runs:
         if not (r / "metrics.json").exists() or not common.saved_run(str(r)):
             raise common.UsageError(f"{r} is not a finished run (no metrics.json, or no unet/ or LoRA weights).")
         infos.append((r, json.loads((r / "metrics.json").read_text()), json.loads((r / "run.json").read_text())))
-    if any("concepts" in m for _, m, _ in infos):
-        raise common.UsageError("--compare takes runs of one concept each; a run of several concepts is read "
-                                "with --run.")
     concepts = {m["concept"] for _, m, _ in infos}
     if len(concepts) > 1:
-        raise common.UsageError(f"--compare needs runs of one concept, got {', '.join(sorted(concepts))}.")
+        raise common.UsageError(f"--compare needs runs of the same concept(s), got {' and '.join(sorted(concepts))}.")
     return infos
 
 
@@ -742,7 +740,8 @@ def compare_images(runs: list[Path], n_seeds: int = 2):
     ps = common.concept_prompts(infos[0][1]["concept"], models,
                                 common.read_prompt_list(run_json["args"].get("forget_prompts")),
                                 common.read_prompt_list(run_json["args"].get("retain_prompts")))
-    prompts = ps.forget[:2] + ps.synonym[:1] + [p for p, _ in ps.retain_in[:2]]
+    forget = [p for part in ps.parts for p in part.forget[:1] + part.synonym[:1]] or ps.forget[:2] + ps.synonym[:1]
+    prompts = forget + [p for p, _ in ps.retain_in[:2]]  # several concepts: each one's forget and synonym prompt
     flat = [p for p in prompts for _ in range(n_seeds)]
     seeds = [s for _ in prompts for s in range(n_seeds)]
     columns = [common.sample(models, flat, seeds).images]
@@ -759,10 +758,15 @@ def compare(runs: list[Path], grid_path: Path, n_seeds: int = 2) -> str:
     infos = _finished_runs(runs)
     cols = ["ua", "ua_synonym", "retain_in", "retain_in_worst", "retain_cross", "clip_forget", "clip_retain",
             "fd_clip", "wall_time_s"]
-    rows = [("base", infos[0][1]["base"])]
-    for r, m, _ in infos:
-        rows.append((r.name, {**m["unlearned"], "wall_time_s": m.get("wall_time_s")}))
-    table = _table(rows, cols) + "\n" + _footer(infos[0][1])
+
+    def table(of):  # of(metrics): one concept's report within a run's metrics.json
+        rows = [("base", of(infos[0][1])["base"])]
+        rows += [(r.name, {**of(m)["unlearned"], "wall_time_s": m.get("wall_time_s")}) for r, m, _ in infos]
+        return _table(rows, cols) + "\n" + _footer(of(infos[0][1]))
+    if "concepts" in infos[0][1]:  # several concepts: a table each
+        table = "\n\n".join(f"{c}:\n" + table(lambda m, c=c: m["concepts"][c]) for c in infos[0][1]["concepts"])
+    else:
+        table = table(lambda m: m)
     images, row_labels, col_labels = compare_images(runs, n_seeds)
     common.image_grid(images, grid_path, row_labels, col_labels)
     return table
@@ -777,7 +781,8 @@ class Args:
     model: str = common.arg("toy", "base model: 'toy', a hub id or a local diffusers folder")
     concept: str = common.arg(None, "concept to evaluate the base model on (with --model)")
     run: str = common.arg(None, "a saved run folder (outputs/<method>-<concept>) to evaluate against its base")
-    compare: list[str] = common.arg([], "several run folders of one concept: a table and a grid")
+    compare: list[str] = common.arg([], "several run folders of one concept (or of the same several "
+                                        "concepts): a table and a grid")
     compare_grid: str = common.arg("compare.png", "where --compare writes its image grid")
     n_images: int = common.arg(64, "images per group (forget, synonym, retain in/cross); on an unconditional "
                                    "model, samples per model")

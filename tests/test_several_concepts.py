@@ -90,3 +90,28 @@ def test_pure_erases_two_concepts_of_a_tiny_sd_pipeline_in_one_run(tiny_sd, tmp_
     assert run["args"]["concept"] == "church + Van Gogh"
     models = common.load_models(str(out), torch.device("cpu"))
     assert models.erased == ["church", "Van Gogh"]  # a run continuing it keeps neither
+
+
+@pytest.mark.slow(15)
+def test_compare_shows_each_concept_of_runs_of_several_concepts(toy_models, tmp_path):
+    from PIL import Image
+    from test_chaining import save_fake_run
+    runs = []
+    for name, ua in (("pure", 0.5), ("esd", 0.75)):
+        run = save_fake_run(tmp_path / f"{name}-circle-striped", toy_models.unet, "toy", "circle + striped")
+        report = lambda c, ua=ua: {"concept": c, "kind": "shape" if c == "circle" else "texture", "seed": 0,  # noqa: E731
+                                   "n_forget_images": 4, "judge": "toy judge", "clip_model": "toy CLIP",
+                                   "base": {"ua": 0.0}, "unlearned": {"ua": ua if c == "circle" else ua / 2}}
+        (run / "metrics.json").write_text(json.dumps({"concept": "circle + striped", "wall_time_s": 1.0,
+                                                      "concepts": {c: report(c) for c in ("circle", "striped")}}))
+        runs.append(run)
+    table = evaluation.compare(runs, tmp_path / "grid.png", n_seeds=1)
+    circle, striped = table.split("striped:\n")
+    assert circle.startswith("circle:\n") and "| pure-circle-striped | 50.0%" in circle
+    assert "| esd-circle-striped | 75.0%" in circle and "| esd-circle-striped | 37.5%" in striped
+    # rows: each concept's forget and synonym prompt, then two retain prompts; columns: base + 2 runs
+    assert Image.open(tmp_path / "grid.png").size[1] >= 6 * 96
+    other = save_fake_run(tmp_path / "pure-circle", toy_models.unet, "toy", "circle")
+    (other / "metrics.json").write_text(json.dumps({"concept": "circle"}))
+    with pytest.raises(common.UsageError, match="runs of the same concept"):
+        evaluation.compare([runs[0], other], tmp_path / "grid.png")
