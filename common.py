@@ -104,7 +104,11 @@ def load_models(model: str, device: torch.device, dtype: torch.dtype = torch.flo
 
     run = saved_run(model)
     if run is not None:  # chaining: the base model the run names, with the run's UNet in its place
-        models = load_models(run["base_model"], device, dtype, sample_batch_size, unconditional_ok)
+        try:
+            models = load_models(run["base_model"], device, dtype, sample_batch_size, unconditional_ok)
+        except UsageError as e:
+            raise UsageError(f"{model} is a saved run of {run['base_model']!r}, its base model, which could not "
+                             f"be loaded ({e})") from None
         models.unet = load_run_unet(model, device)
         models.chain = run.get("chain", []) + [{"run": str(model), "method": run.get("method"),
                                                 "concept": run["args"]["concept"]}]
@@ -646,6 +650,11 @@ def concept_prompts(concept: str, models: Models, forget: list[str] | None = Non
     that continues earlier runs (chaining) keeps none of their erased concepts among its retain
     prompts: what was erased before is not to be kept now."""
     ps = prompt_set(concept, models.toy)
+    for part in ps.parts or [ps]:
+        for earlier in models.erased:
+            if names_the_same(prompt_set(earlier, models.toy), part.concept):
+                raise UsageError(f"{part.concept!r} names {earlier!r}, which this model already erased (an earlier "
+                                 "run of its chain): erase another concept.")
     if models.erased:
         for part in [ps] + ps.parts:
             drop_named(part, models.erased)
@@ -681,6 +690,11 @@ def prompt_set(concept: str, toy: dict | None) -> PromptSet:
     names = concept_names(concept)
     if len(names) > 1:
         parts = [prompt_set(c, toy) for c in names]
+        for i, part in enumerate(parts):
+            same = [p.concept for p in parts[:i] if names_the_same(p, part.concept)]
+            if same:
+                raise UsageError(f"--concept {part.concept!r} names {same[0]!r} again (the same concept or its "
+                                 "synonym): give each concept once.")
         for part in parts:
             drop_named(part, [p.concept for p in parts])
         kinds = {p.kind for p in parts}
@@ -702,6 +716,14 @@ def one_concept(ps: PromptSet, method: str, why: str) -> None:
     if ps.parts:
         raise UsageError(f"{method} takes one --concept per run for now ({why}); erase the others one after "
                          "another with --model <run folder> --concept <the next>.")
+
+
+def names_the_same(ps: PromptSet, concept: str) -> bool:
+    """Whether `concept` is ps's concept or the synonym its synonym prompts name (as words)."""
+    if concept.strip().lower() == ps.concept.lower():
+        return True
+    word = re.compile(rf"\b{re.escape(concept.strip())}\b", re.IGNORECASE)
+    return any(word.search(p) for p in ps.synonym) and not any(word.search(p) for p in ps.forget)
 
 
 def drop_named(ps: PromptSet, concepts: list[str]) -> None:

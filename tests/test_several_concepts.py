@@ -8,6 +8,7 @@ import torch
 import common
 import eval as evaluation
 import pure
+from conftest import run_script
 
 
 def test_a_repeated_concept_joins_and_its_prompt_sets_merge_keeping_each_concept_apart(toy_models):
@@ -115,3 +116,23 @@ def test_compare_shows_each_concept_of_runs_of_several_concepts(toy_models, tmp_
     (other / "metrics.json").write_text(json.dumps({"concept": "circle"}))
     with pytest.raises(common.UsageError, match="runs of the same concept"):
         evaluation.compare([runs[0], other], tmp_path / "grid.png")
+
+
+def test_the_same_concept_twice_or_its_synonym_is_refused_in_one_sentence(toy_models):
+    for concepts in (["circle", "Circle"], ["church", "chapel"], ["Van Gogh", "Vincent"]):
+        args = pure.parse_args(["--model", "toy", *[f for c in concepts for f in ("--concept", c)]])
+        with pytest.raises(common.UsageError, match="again .the same concept or its synonym"):
+            common.prompt_set(args.concept, toy_models.toy if concepts[0] == "circle" else None)
+    assert [p.concept for p in common.prompt_set("church + Van Gogh", None).parts] == ["church", "Van Gogh"]
+
+
+def test_a_chain_refuses_a_concept_it_already_erased_and_a_base_model_that_cannot_load(toy_models, tmp_path):
+    import dataclasses
+    from test_chaining import save_fake_run
+    chained = dataclasses.replace(toy_models, chain=[{"run": "x", "method": "PURE", "concept": "striped + square"}])
+    with pytest.raises(common.UsageError, match="'square' names 'square', which this model already erased"):
+        common.concept_prompts("circle + square", chained)
+    run = save_fake_run(tmp_path / "run", toy_models.unet, str(tmp_path / "gone"), "circle")
+    r = run_script("pure.py", "--model", run, "--concept", "square", "--output-dir", tmp_path / "out")
+    assert r.returncode == 2 and "its base model, which could not be loaded" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
