@@ -1,0 +1,232 @@
+"""Several concepts in one run, and one after another, on the toy: every method and both baselines.
+
+    python benchmarks/compare_multi.py --seeds 3 4 5     # the held-out seeds: the headline
+    python benchmarks/compare_multi.py                   # the development seeds 0-2
+    python benchmarks/compare_multi.py --report-only     # docs/results/multi.md from the records
+
+The sets and the sequence were fixed before any run: a shape with a texture (circle + striped),
+entangled neighbours (circle + diamond: the toy's judge and UNet confuse them most), three of mixed
+kinds (square + triangle + dotted), and a sequence of three stages (circle, then striped, then
+square), each stage continuing the last (`--model <run folder>`). Every run uses the method's
+default toy settings (how each loss generalises to several concepts: its doc's "Several concepts").
+
+A multi-concept run is `python <script> --model toy --concept A --concept B --seed s` with its own
+report (each concept's UA; retain over the values none of the concepts names). A sequence runs its
+three stages; the last stage's report holds every earlier concept's UA now and right after its own
+stage (resurgence is the fall between the two). Records: benchmarks/records/multi/<method>/
+<set>-seed<s>.json and sequence-<sequence>-seed<s>.json (metrics, commands, commit, times; no
+weights), committed; a record that exists is not redone.
+"""
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
+import eval as evaluation  # noqa: E402
+from benchmarks.compare_toy import (RECORDS as SINGLE, SEEDS, TEST_SEEDS, commit, fmt, require_clean_tree,  # noqa: E402
+                                    shard, write_json)
+
+METHODS = ["pure", "mim_mu", "vdu", "rl_critic", "esd", "salun"]
+SETS = [["circle", "striped"], ["circle", "diamond"], ["square", "triangle", "dotted"]]
+SEQUENCE = ["circle", "striped", "square"]
+RESURGENCE_BAR = 10.0  # points: an earlier concept's UA may fall at most this far below its own stage's
+RECORDS = ROOT / "benchmarks" / "records" / "multi"
+WORK = ROOT / "outputs" / "multi"
+DOC = ROOT / "docs" / "results" / "multi.md"
+
+
+def slug(concepts: list[str]) -> str:
+    return "-".join(concepts)
+
+
+def train(method: str, model: str, concepts: list[str], seed: int, out: Path) -> tuple[dict, list[str]] | None:
+    """One run of `method` with its own report; (metrics.json, the command's arguments), or None."""
+    script = evaluation.METHODS[method]["script"]
+    args = [script, "--model", model, *[f for c in concepts for f in ("--concept", c)], "--seed", str(seed)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_suffix(".log"), "w") as f:
+        r = subprocess.run([sys.executable, *args, "--output-dir", str(out), "--overwrite"], cwd=ROOT, stdout=f,
+                           stderr=subprocess.STDOUT)
+    if r.returncode != 0:
+        print(f"  {method} {' + '.join(concepts)} seed {seed}: FAILED, see {out.with_suffix('.log')}")
+        return None
+    return json.loads((out / "metrics.json").read_text()), args
+
+
+def run_set(method: str, concepts: list[str], seed: int) -> dict | None:
+    done = train(method, "toy", concepts, seed, WORK / f"{method}-{slug(concepts)}-seed{seed}")
+    if done is None:
+        return None
+    metrics, args = done
+    rec = {"method": method, "concepts": concepts, "seed": seed, "commit": commit(),
+           "command": " ".join(["python", *args]), "wall_time_s": metrics["wall_time_s"],
+           # training alone (the report evaluates each concept apart), as the one-concept records time it
+           "train_time_s": round(metrics["wall_time_s"] - metrics["eval_time_s"], 1), "metrics": metrics}
+    write_json(RECORDS / method / f"{slug(concepts)}-seed{seed}.json", rec)
+    print(f"  {method} {' + '.join(concepts)} seed {seed}: UA "
+          + ", ".join(f"{c} {m['unlearned']['ua']:.0%}" for c, m in metrics["concepts"].items())
+          + f", {rec['wall_time_s']:.0f}s", flush=True)
+    return rec
+
+
+def run_sequence(method: str, seed: int) -> dict | None:
+    stages, model = [], "toy"
+    for i, concept in enumerate(SEQUENCE):
+        out = WORK / f"{method}-sequence{i + 1}-{concept}-seed{seed}"
+        done = train(method, model, [concept], seed, out)
+        if done is None:
+            return None
+        metrics, args = done
+        stages.append({"concept": concept, "command": " ".join(["python", *args]).replace(str(WORK), "outputs/multi"),
+                       "wall_time_s": metrics["wall_time_s"], "metrics": metrics})
+        model = str(out)
+    rec = {"method": method, "sequence": SEQUENCE, "seed": seed, "commit": commit(), "stages": stages}
+    write_json(RECORDS / method / f"sequence-{slug(SEQUENCE)}-seed{seed}.json", rec)
+    print(f"  {method} sequence seed {seed}: " + "; ".join(
+        f"{c} {ua:.0f}" for c, ua in stage_uas(rec)[-1].items()), flush=True)
+    for i, concept in enumerate(SEQUENCE):  # the chain's folders: no longer needed once recorded
+        shutil.rmtree(WORK / f"{method}-sequence{i + 1}-{concept}-seed{seed}", ignore_errors=True)
+    return rec
+
+
+def stage_uas(rec: dict) -> list[dict]:
+    """UA (%) of every concept erased so far, after each stage of a sequence record."""
+    out = []
+    for stage in rec["stages"]:
+        m = stage["metrics"]
+        now = {c: 100 * row["now"]["ua"] for c, row in m.get("earlier", {}).items()}
+        out.append({**now, stage["concept"]: 100 * m["unlearned"]["ua"]})
+    return out
+
+
+def resurgence(rec: dict) -> float:
+    """The largest fall of an earlier concept's UA, from right after its own stage to the end (points)."""
+    uas = stage_uas(rec)
+    return max(uas[i][c] - uas[-1][c] for i, c in enumerate(rec["sequence"][:-1]))
+
+
+def load(seeds: list[int]) -> dict:
+    out = {}
+    for path in sorted(RECORDS.glob("*/*.json")):
+        rec = json.loads(path.read_text())
+        if rec["seed"] in seeds:
+            out[(rec["method"], path.stem.rsplit("-seed", 1)[0], rec["seed"])] = rec
+    return out
+
+
+def spread(values: list[float], digits: int = 1) -> str:
+    """mean (min to max): three seeds of one set are one unit, so no interval is drawn from them."""
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return fmt(values[0], digits)
+    return f"{fmt(np.mean(values), digits)} ({fmt(min(values), digits)} to {fmt(max(values), digits)})"
+
+
+def single_train_time(method: str, concepts: list[str], seeds: list[int]) -> float | None:
+    """The mean training time of the method's one-concept benchmark runs of these concepts and seeds
+    (None unless every one was recorded)."""
+    paths = [SINGLE / method / f"{c}-seed{s}.json" for c in concepts for s in seeds]
+    if not all(p.exists() for p in paths):
+        return None
+    return float(np.mean([json.loads(p.read_text())["train_time_s"] for p in paths]))
+
+
+def report(records: dict, seeds: list[int]) -> list[str]:
+    label = lambda m: evaluation.METHODS[m]["label"]  # noqa: E731
+    lines = []
+    for concepts in SETS:
+        rows = []
+        for method in METHODS:
+            recs = [r for (m, s, _), r in sorted(records.items()) if m == method and s == slug(concepts)]
+            if not recs:
+                continue
+            # per seed: the mean over the set's concepts (each concept's report keeps what none of them names)
+            per = lambda f: [np.mean([f(r["metrics"]["concepts"][c]) for c in concepts]) for r in recs]  # noqa: E731
+            uas = [spread([100 * r["metrics"]["concepts"][c]["unlearned"]["ua"] for r in recs]) for c in concepts]
+            drop = spread(per(lambda m: 100 * (m["base"]["retain_in"] - m["unlearned"]["retain_in"])))
+            cross = spread(per(lambda m: 100 * (m["base"]["retain_cross"] - m["unlearned"]["retain_cross"])))
+            single = single_train_time(method, concepts, [r["seed"] for r in recs])
+            ratio = fmt(np.mean([r["train_time_s"] for r in recs]) / single, 2) if single else "-"
+            forgets = all(np.mean([r["metrics"]["concepts"][c]["unlearned"]["ua"] for r in recs]) >= evaluation.BAR_UA
+                          for c in concepts)
+            rows.append([label(method), *uas, drop, cross, ratio, f"{len(recs)}", "yes" if forgets else "no"])
+        if rows:
+            lines += [f"### {' + '.join(concepts)}", "",
+                      evaluation.markdown_table(["method", *[f"UA {c} (%)" for c in concepts],
+                                                 "in-domain drop, never erased (pts)", "cross-domain drop (pts)",
+                                                 "training time / one concept's", "seeds", "every UA >= 90%"],
+                                                rows), ""]
+    rows = []
+    for method in METHODS:
+        recs = [r for (m, s, _), r in sorted(records.items()) if m == method and s == f"sequence-{slug(SEQUENCE)}"]
+        if not recs:
+            continue
+        uas = [stage_uas(r) for r in recs]
+        cells = [spread([u[i][c] for u in uas], 0) for c_i, c in enumerate(SEQUENCE) for i in range(c_i, 3)]
+        res = [resurgence(r) for r in recs]
+        rows.append([label(method), *cells, spread(res), f"{len(recs)}",
+                     "yes" if np.mean(res) <= RESURGENCE_BAR else "no"])
+    if rows:
+        stages = [f"{c} after {i + 1}" for c_i, c in enumerate(SEQUENCE) for i in range(c_i, 3)]
+        lines += [f"### One after another: {' -> '.join(SEQUENCE)}", "",
+                  "UA (%) of each erased concept after each stage; resurgence: the largest fall of an earlier "
+                  "concept's UA from right after its own stage to the end (points); no resurgence: at most "
+                  f"{RESURGENCE_BAR:.0f} points, 3-seed mean.", "",
+                  evaluation.markdown_table(["method", *stages, "resurgence (pts)", "seeds", "no resurgence"],
+                                            rows), ""]
+    return lines
+
+
+def write_page() -> bool:
+    page = ["# Several concepts, and one after another (toy)", "",
+            "Written by `python benchmarks/compare_multi.py --report-only` from `benchmarks/records/multi/`. "
+            "Every method at its default toy settings. Figures are means over seeds with their range (min "
+            "to max): one concept set is one unit, so its seeds give no interval. In-domain drop: over the "
+            "values of each concept's kind that none of the erased concepts names; training time (the run less "
+            "its report) over the mean training time of the same method's one-concept benchmark runs of "
+            "these concepts and seeds.", ""]
+    found = False
+    for seeds, name in ((TEST_SEEDS, "Held-out seeds 3-5"), (SEEDS, "Development seeds 0-2")):
+        section = report(load(seeds), seeds)
+        if section:
+            page += [f"## {name}", ""] + section
+            found = True
+    if found:
+        DOC.write_text("\n".join(page))
+    return found
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", nargs="*", default=METHODS, choices=METHODS)
+    p.add_argument("--seeds", nargs="*", type=int, default=SEEDS)
+    p.add_argument("--no-sequence", action="store_true", help="the multi-concept sets only")
+    p.add_argument("--report-only", action="store_true", help="write docs/results/multi.md, run nothing")
+    p.add_argument("--shard", metavar="K/N", help="run only the K-th of N slices of the (seed, method) units")
+    p.add_argument("--allow-dirty", action="store_true", help="run from a tree with uncommitted changes")
+    args = p.parse_args()
+    if not args.report_only:
+        require_clean_tree(args.allow_dirty)
+        for seed, method in shard([(s, m) for s in args.seeds for m in args.methods], args.shard):
+            for concepts in SETS:
+                if not (RECORDS / method / f"{slug(concepts)}-seed{seed}.json").exists():
+                    run_set(method, concepts, seed)
+            if not args.no_sequence and not (RECORDS / method / f"sequence-{slug(SEQUENCE)}-seed{seed}.json").exists():
+                run_sequence(method, seed)
+    print(f"wrote {DOC}" if write_page() else "no records yet")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except common.UsageError as e:
+        raise SystemExit(f"error: {e}")

@@ -1,0 +1,49 @@
+"""benchmarks/compare_multi.py: several concepts and sequences, from records to the page."""
+
+import json
+
+from benchmarks import compare_multi as cm
+
+
+def fake_metrics(concepts, model, ua=0.95, earlier=None):
+    report = lambda c: {"concept": c, "base": {"ua": 0.0, "retain_in": 0.9, "retain_cross": 0.9},  # noqa: E731
+                        "unlearned": {"ua": ua, "retain_in": 0.85, "retain_cross": 0.8}}
+    if len(concepts) > 1:
+        return {"concept": " + ".join(concepts), "wall_time_s": 260.0, "eval_time_s": 60.0,
+                "concepts": {c: report(c) for c in concepts}}
+    return {**report(concepts[0]), "wall_time_s": 100.0, **({"earlier": earlier} if earlier else {})}
+
+
+def test_sets_and_a_sequence_become_records_and_a_page_with_resurgence(tmp_path, monkeypatch):
+    monkeypatch.setattr(cm, "RECORDS", tmp_path / "records")
+    monkeypatch.setattr(cm, "WORK", tmp_path / "work")
+    monkeypatch.setattr(cm, "DOC", tmp_path / "multi.md")
+    monkeypatch.setattr(cm, "commit", lambda: "abc1234")
+    monkeypatch.setattr(cm, "SINGLE", tmp_path / "single")
+    (tmp_path / "single" / "mim_mu").mkdir(parents=True)
+    for c in ("circle", "striped"):  # one-concept runs of 100 s: the pair took twice as long
+        (tmp_path / "single" / "mim_mu" / f"{c}-seed3.json").write_text(json.dumps({"train_time_s": 100.0}))
+    stage_ua = {"circle": 0.97, "striped": 0.93, "square": 0.99}
+
+    def train(method, model, concepts, seed, out):  # the method's report, without training
+        if len(concepts) > 1:
+            return fake_metrics(concepts, model), ["x.py"]
+        i = cm.SEQUENCE.index(concepts[0])
+        # circle falls back from 97 to 77 by the last stage (20 points), striped from 93 to 90
+        now = {"circle": [0.97, 0.87, 0.77], "striped": [None, 0.93, 0.90]}
+        earlier = {c: {"now": {"ua": now[c][i]}, "after_its_run": {"ua": stage_ua[c]}} for c in cm.SEQUENCE[:i]}
+        return fake_metrics(concepts, model, stage_ua[concepts[0]], earlier), ["x.py", "--model", str(model)]
+    monkeypatch.setattr(cm, "train", train)
+    for concepts in cm.SETS:
+        assert cm.run_set("mim_mu", concepts, 3)["train_time_s"] == 200.0
+    rec = cm.run_sequence("mim_mu", 3)
+    assert [s["concept"] for s in rec["stages"]] == cm.SEQUENCE
+    assert cm.stage_uas(rec)[-1] == {"circle": 77.0, "striped": 90.0, "square": 99.0}
+    assert abs(cm.resurgence(rec) - 20.0) < 1e-9
+    assert json.loads((tmp_path / "records" / "mim_mu" / "circle-striped-seed3.json").read_text())["commit"] == "abc1234"
+    assert cm.write_page()
+    page = (tmp_path / "multi.md").read_text()
+    assert "## Held-out seeds 3-5" in page and "Development seeds" not in page
+    assert "| MiM-MU | 95.0 | 95.0 | 5.0 | 10.0 | 2.00 | 1 | yes |" in page  # UAs, never-erased drops, time
+    assert "| MiM-MU | 95.0 | 95.0 | 5.0 | 10.0 | - | 1 | yes |" in page    # circle + diamond: no one-concept diamond
+    assert "| MiM-MU | 97 | 87 | 77 | 93 | 90 | 99 | 20.0 | 1 | no |" in page  # the resurgence row
