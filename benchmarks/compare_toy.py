@@ -929,7 +929,8 @@ def lora_section(records: dict) -> list[str]:
                   for c in claims if c["verdict"] != "not measured yet"]
     return ["## LoRA adapters beside full weights (development seeds)", "",
             "`--train lora`: peft adapters of rank 4 on the attention layers each method trains, at its own "
-            "toy learning rate (chosen on seed 0; SalUn and VDU refuse LoRA). Each pair of rows is measured "
+            "toy learning rate (PURE's chosen on seed 0 over the 10 concepts, the others' tenfold their "
+            "full-weight rate, not searched; SalUn and VDU refuse LoRA). Each pair of rows is measured "
             "on the same (concept, seed) units; wall time per run in seconds, result size in MB (a full-weight "
             "result is the whole toy UNet). Intervals over concepts, seeds averaged first.", "",
             evaluation.markdown_table(["method", "UA (%)", "in-domain drop (pts)", "worst-value drop (pts)",
