@@ -67,8 +67,8 @@ class Args:
 SD_DEFAULTS = dict(steps=100, lr=1e-5, beta=100.0, kl_weight=1.0, n_forget=50, n_retain=50, batch_size=4)
 TOY_DEFAULTS = dict(steps=200, lr=2e-4, beta=30.0, kl_weight=10.0, n_forget=64, n_retain=64, batch_size=16)
 # --train lora: LoRA's B starts at zero and few weights train, so a larger step than full weights
-# (toy: chosen on seed 0, docs/methods/pure.md "LoRA"; SD: the usual tenfold, not measured)
-LORA_LR = dict(toy=2e-3, sd=1e-4)
+# (toy: chosen on seed 0, docs/lab/searches/pure_lora.md; SD: the usual tenfold, not measured)
+LORA_LR = dict(toy=1e-3, sd=1e-4)
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
