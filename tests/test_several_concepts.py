@@ -126,6 +126,7 @@ def test_the_same_concept_twice_or_its_synonym_is_refused_in_one_sentence(toy_mo
     assert [p.concept for p in common.prompt_set("church + Van Gogh", None).parts] == ["church", "Van Gogh"]
 
 
+@pytest.mark.slow(8)
 def test_a_chain_refuses_a_concept_it_already_erased_and_a_base_model_that_cannot_load(toy_models, tmp_path):
     import dataclasses
     from test_chaining import save_fake_run
