@@ -908,7 +908,7 @@ def results_section(records: dict, seeds: list[int], heading: str) -> list[str]:
 def lora_section(records: dict) -> list[str]:
     """LoRA beside full weights, per method, on the units (development seeds) where both ran."""
     rows = []
-    full_mb = result_file(common.TOY_DIR / "pipeline").stat().st_size / 2 ** 20  # a full-weight result: the UNet
+    full_mb = 4 * common.load_unet(common.TOY_DIR / "pipeline").num_parameters() / 2 ** 20  # a saved float32 UNet
     for method in evaluation.METHODS:
         units = {(c, s) for (n, c, s) in records if n == f"{method}_lora"} & {(c, s) for (n, c, s) in records
                                                                              if n == method}
@@ -932,7 +932,9 @@ def lora_section(records: dict) -> list[str]:
             "toy learning rate (PURE's chosen on seed 0 over the 10 concepts, the others' tenfold their "
             "full-weight rate, not searched; SalUn and VDU refuse LoRA). Each pair of rows is measured "
             "on the same (concept, seed) units; wall time per run in seconds, result size in MB (a full-weight "
-            "result is the whole toy UNet). Intervals over concepts, seeds averaged first.", "",
+            "result is the whole toy UNet in float32). Wall times are those the records name, from different "
+            "sessions and loads of the machine: compare them as a rough ratio only. Intervals over concepts, "
+            "seeds averaged first.", "",
             evaluation.markdown_table(["method", "UA (%)", "in-domain drop (pts)", "worst-value drop (pts)",
                                        "wall time (s)", "result (MB)", "concepts x seeds"], rows), "",
             "Our claim, per method: LoRA forgets and keeps comparably to full weights (each within 5 points: "
