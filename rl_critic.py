@@ -25,8 +25,8 @@ One iteration of the loop, section by section:
   toy       reconstructed from our measurements: the policy explores at guidance 1 while training
             and the KL is on (see TOY_DEFAULTS), else the toy's reference policy almost never
             samples anything but the concept and there is nothing to learn from.
-The policy trains cross-attention matrices, not LoRA adapters (peft is not a dependency); the SD
-defaults are DDPO's, with a learning rate for full matrices, untested on Stable Diffusion. The
+The policy trains cross-attention matrices by default (`--train lora`: adapters on them, DDPO's
+way); the SD defaults are DDPO's, with a learning rate for full matrices, untested on Stable Diffusion. The
 derivation, what is reconstructed, and the evidence behind the defaults: docs/methods/rl_critic.md.
 
     python rl_critic.py --model toy --concept circle      # CPU, offline, a few minutes
