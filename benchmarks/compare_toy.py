@@ -929,8 +929,8 @@ def lora_section(records: dict) -> list[str]:
                   for c in claims if c["verdict"] != "not measured yet"]
     return ["## LoRA adapters beside full weights (development seeds)", "",
             "`--train lora`: peft adapters of rank 4 on the attention layers each method trains, at its own "
-            "toy learning rate (PURE's chosen on seed 0 over the 10 concepts, the others' tenfold their "
-            "full-weight rate, not searched; SalUn and VDU refuse LoRA). Each pair of rows is measured "
+            "toy learning rate (PURE's and MiM-MU's chosen on seed 0 over the 10 concepts, the others' tenfold "
+            "their full-weight rate, not searched; SalUn and VDU refuse LoRA). Each pair of rows is measured "
             "on the same (concept, seed) units; wall time per run in seconds, result size in MB (a full-weight "
             "result is the whole toy UNet in float32). Wall times are those the records name, from different "
             "sessions and loads of the machine: compare them as a rough ratio only. Intervals over concepts, "
