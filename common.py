@@ -981,8 +981,12 @@ def parse_args(cls, argv: list[str] | None = None):
     return cls(**values)
 
 
-def fill_defaults(args, defaults: dict) -> None:
-    """Set every field of `args` that is still None from `defaults` (the toy or the SD column)."""
+def fill_defaults(args, defaults: dict, lora_lr: float | None = None) -> None:
+    """Set every field of `args` that is still None from `defaults` (the toy or the SD column).
+    With --train lora an unset --lr is `lora_lr`: adapters start at zero and few weights train, so
+    they take their own, larger step."""
+    if getattr(args, "train", None) == "lora" and args.lr is None:
+        args.lr = lora_lr
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)

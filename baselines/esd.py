@@ -75,8 +75,10 @@ SD_DEFAULTS = dict(steps=1000, lr=1e-5, sample_steps=50, batch_size=1)
 TOY_DEFAULTS = dict(steps=150, sample_steps=20, batch_size=8)
 # On the toy the learning rate that forgets without wrecking the neighbours differs tenfold
 # between the two variants (cross-attention is 5% of the UNet), so it follows --train.
-TOY_LR = {"xattn": 1e-4, "noxattn": 1.5e-5, "full": 1.5e-5, "lora": 1e-3}  # lora: not searched yet
-SD_LORA_LR = 1e-4  # --train lora on SD: the usual tenfold of the full-weight rate, not measured
+TOY_LR = {"xattn": 1e-4, "noxattn": 1.5e-5, "full": 1.5e-5}
+# --train lora: LoRA's B starts at zero and few weights train, so a larger step than full weights
+# (toy and SD: the usual tenfold of the full-weight rate, not searched yet)
+LORA_LR = dict(toy=1e-3, sd=1e-4)
 
 # ESD's rule for what trains: cross-attention holds how a word is drawn (styles), the rest holds
 # what is drawn (objects). The toy's textures and colours play the part of styles.
@@ -91,13 +93,11 @@ def parse_args(argv: list[str] | None = None) -> Args:
     follows the concept's kind, and on the toy --lr follows --train."""
     args = common.parse_args(Args, argv)
     toy = common.base_model_name(args.model) == "toy"
-    common.fill_defaults(args, TOY_DEFAULTS if toy else SD_DEFAULTS)
     by_kind = TRAIN_BY_KIND[common.concept_kind(args.concept, args.model)]
     args.train = args.train or by_kind
     args.lora_on = args.lora_on or by_kind  # LoRA wraps the attention layers of ESD-x or ESD-u
-    if args.train == "lora" and not toy:
-        args.lr = args.lr or SD_LORA_LR
-    args.lr = args.lr or TOY_LR[args.train]  # SD's lr is in SD_DEFAULTS
+    defaults = TOY_DEFAULTS | dict(lr=TOY_LR.get(args.train)) if toy else SD_DEFAULTS
+    common.fill_defaults(args, defaults, LORA_LR["toy" if toy else "sd"])
     common.check_ranges(args)
     return args
 

@@ -92,9 +92,7 @@ def parse_args(argv: list[str] | None = None) -> Args:
     """The command line, with the toy or the SD column filled in and every number checked."""
     args = common.parse_args(Args, argv)
     toy = common.base_model_name(args.model) == "toy"
-    if args.train == "lora" and args.lr is None:  # adapters start at zero: their own, larger step
-        args.lr = LORA_LR["toy" if toy else "sd"]
-    common.fill_defaults(args, TOY_DEFAULTS if toy else SD_DEFAULTS)
+    common.fill_defaults(args, TOY_DEFAULTS if toy else SD_DEFAULTS, LORA_LR["toy" if toy else "sd"])
     args.lora_on = args.lora_on or (TOY_DEFAULTS if toy else SD_DEFAULTS)["train"]  # the layers it would train
     common.check_ranges(args)
     return args

@@ -60,6 +60,17 @@ def test_the_reference_is_the_same_unet_with_its_adapters_off_and_owns_no_weight
                                                                             torch.nn.Module)
 
 
+@pytest.mark.parametrize("name", RUNS)
+def test_lora_takes_its_own_learning_rate_unless_one_is_given(name):
+    module = RUNS[name][0]
+    for model, column in [("toy", "toy"), (common.DEFAULT_MODEL, "sd")]:
+        concept = "circle" if model == "toy" else "church"
+        lora = module.parse_args(["--model", model, "--concept", concept, "--train", "lora"])
+        assert lora.lr == module.LORA_LR[column], (model, lora.lr)
+        assert module.parse_args(["--model", model, "--concept", concept, "--train", "lora", "--lr", "3e-3"]).lr == 3e-3
+        assert module.parse_args(["--model", model, "--concept", concept]).lr != module.LORA_LR[column]
+
+
 @pytest.mark.slow(40)
 @pytest.mark.parametrize("method", list(RUNS))
 def test_a_lora_run_saves_adapters_that_plain_diffusers_loads(tiny_sd, tmp_path, method):
