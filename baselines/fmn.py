@@ -108,8 +108,8 @@ def setup(args: Args):
     models = common.load_models(args.model, device, dtype, args.sample_batch_size)
     ps = common.concept_prompts(args.concept, models, common.read_prompt_list(args.forget_prompts),
                                 common.read_prompt_list(args.retain_prompts))
-    # for the evaluation only: in host memory (LoRA: the same UNet with its adapters off)
-    unet_ref = common.reference(models.unet, args.train).to("cpu" if args.train != "lora" else device)
+    # for the evaluation only, waiting in host memory (LoRA: the UNet with its adapters off, no copy)
+    unet_ref = common.reference(models.unet, args.train).to("cpu")
     params = common.select_trainable(models.unet, args.train, lora_rank=args.lora_rank, lora_on=args.lora_on)  # theta
     if args.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
