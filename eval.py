@@ -119,6 +119,14 @@ def meets_common_bar(metrics: dict) -> bool:
     return new["ua"] >= COMMON_BAR["ua"] and kept("retain_in") and ("retain_cross" not in new or kept("retain_cross"))
 
 
+def worst_drop(metrics: dict) -> tuple[str, float]:
+    """The in-domain neighbour damaged most by a run, and its retain drop (base - unlearned): the
+    largest drop of any value, not the drop of the value that ends lowest."""
+    base, new = metrics["base"]["retain_in_per_value"], metrics["unlearned"]["retain_in_per_value"]
+    value = max(base, key=lambda v: base[v] - new[v])
+    return value, base[value] - new[value]
+
+
 def heading(key: str, short: bool = False) -> str:
     """A column's header with its unit, e.g. "UA (%)", "wall time (s)", "KID-CLIP"."""
     header, short_header, unit = COLUMNS[key]

@@ -126,9 +126,12 @@ def require_clean_tree(allow_dirty: bool) -> None:
                          "that made them), or pass --allow-dirty for a development run that never enters the headline.")
 
 
+UNET_FILE = "diffusion_pytorch_model.safetensors"  # where diffusers saves a UNet's weights
+
+
 def result_file(run: Path) -> Path:
     """A saved run's weights file: its UNet's, or a LoRA run's adapters."""
-    unet = Path(run) / "unet" / "diffusion_pytorch_model.safetensors"
+    unet = Path(run) / "unet" / UNET_FILE
     return unet if unet.exists() else Path(run) / common.LORA_FILE
 
 
@@ -342,11 +345,10 @@ def p_value(values: list[float]) -> float:
 # the figures of a run, in the units the tables print; "drop" = base - unlearned
 def figures(rec: dict) -> dict:
     u, b = rec["unlearned"], rec["base"]
-    worst = worst_value(rec)  # the largest drop of any in-domain value: the neighbour damaged most
     return {
         "ua": 100 * u["ua"], "ua_synonym": 100 * u["ua_synonym"], "retain_in": 100 * u["retain_in"],
         "retain_in_drop": 100 * (b["retain_in"] - u["retain_in"]),
-        "worst_drop": 100 * (b["retain_in_per_value"][worst] - u["retain_in_per_value"][worst]),
+        "worst_drop": 100 * evaluation.worst_drop(rec)[1],  # the neighbour damaged most
         "retain_cross_drop": 100 * (b["retain_cross"] - u["retain_cross"]),
         "forget_fidelity": 100 * u["forget_fidelity"], "forget_degenerate": 100 * u["forget_degenerate"],
         "fd_clip": u["fd_clip"], "kid_clip": u["kid_clip"],
@@ -356,12 +358,6 @@ def figures(rec: dict) -> dict:
         "meets_bar": float(evaluation.meets_bar(METHODS_BAR.get(rec["method"], rec["method"]), rec)),
         "meets_common_bar": float(evaluation.meets_common_bar(rec)),
     }
-
-
-def worst_value(rec: dict) -> str:
-    """The in-domain value whose retain dropped most in a run."""
-    b, u = rec["base"]["retain_in_per_value"], rec["unlearned"]["retain_in_per_value"]
-    return max(b, key=lambda v: b[v] - u[v])
 
 
 METHODS_BAR = {v: m for v, (m, _) in VARIANTS.items()}
@@ -643,7 +639,7 @@ def concept_table(records: dict, name: str) -> str:
                 continue
             d = 2 if k == "kid_clip" else 0
             cells.append(fmt(float(np.mean(v)), d) + (f" ({fmt(min(v), d)} to {fmt(max(v), d)})" if len(v) > 1 else ""))
-        worst = ", ".join(worst_value(r) for r in recs)
+        worst = ", ".join(evaluation.worst_drop(r)[0] for r in recs)
         meets = int(sum(f["meets_bar"] for f in figs))
         rows.append([concept, str(len(recs)), *cells, worst, f"{meets}/{len(recs)}"])
     header = ["concept", "seeds", *(evaluation.heading(k, short=True) for k in CONCEPT_COLUMNS),
@@ -905,10 +901,17 @@ def results_section(records: dict, seeds: list[int], heading: str) -> list[str]:
     return lines
 
 
+def n_weights(path: Path) -> int:
+    """How many numbers a safetensors file holds, read from its header (nothing is loaded)."""
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+
+
 def lora_section(records: dict) -> list[str]:
     """LoRA beside full weights, per method, on the units (development seeds) where both ran."""
     rows = []
-    full_mb = 4 * common.load_unet(common.TOY_DIR / "pipeline").num_parameters() / 2 ** 20  # a saved float32 UNet
+    full_mb = 4 * n_weights(common.TOY_DIR / "pipeline" / "unet" / UNET_FILE) / 2 ** 20  # a saved float32 UNet
     for method in evaluation.METHODS:
         units = {(c, s) for (n, c, s) in records if n == f"{method}_lora"} & {(c, s) for (n, c, s) in records
                                                                              if n == method}
