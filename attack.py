@@ -136,6 +136,9 @@ def setup(args: Args, run: dict):
     device, dtype = common.seed_and_device(args.seed, args.device, args.mixed_precision)
     # the original base model (a chained run's run.json names it, not the run it continued)
     models = common.load_models(run["base_model"], device, dtype, args.sample_batch_size)
+    if models.is_sdxl:
+        raise common.UsageError("the attack learns a token's embedding in one text encoder and SDXL has two, "
+                                "which it does not handle yet.")
     ps = common.concept_prompts(run["args"]["concept"], models, common.read_prompt_list(run["args"].get("forget_prompts")))
     common.one_concept(ps, "The attack", "it learns one concept's token")
     unet = common.load_run_unet(args.run, device).requires_grad_(False)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -72,6 +73,13 @@ class Models:
     guidance_scale: float = 7.5
     sample_batch_size: int = 64  # prompts per sampling batch (load_models sets it)
     chain: list = field(default_factory=list)  # the saved runs this model continues (chaining), oldest first
+    # SDXL only: the second tokenizer and text encoder (with its projection: the pooled embedding),
+    # whether the empty prompt is all zeros (model_index.json's force_zeros_for_empty_prompt), and
+    # the six size numbers of its added time ids
+    tokenizer_2: typing.Any = None
+    text_encoder_2: torch.nn.Module | None = None
+    zero_empty_prompt: bool = False
+    time_ids: tuple = ()
     _prompt_cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -82,6 +90,10 @@ class Models:
     @property
     def is_toy(self) -> bool:
         return self.toy is not None
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
 
     @property
     def conditional(self) -> bool:
@@ -100,7 +112,7 @@ def load_models(model: str, device: torch.device, dtype: torch.dtype = torch.flo
     stays float32 (it is what trains; autocast handles mixed precision).
     """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     run = saved_run(model)
     if run is not None:  # chaining: the base model the run names, with the run's UNet in its place
@@ -115,7 +127,9 @@ def load_models(model: str, device: torch.device, dtype: torch.dtype = torch.flo
         return models
     path, toy = resolve_model(model)
     kw = dict(use_safetensors=True)
-    refuse_pipeline(pipeline_class(path), model)
+    cls = pipeline_class(path)
+    refuse_pipeline(cls, model)
+    sdxl = cls == SDXL_PIPELINE
     if is_unconditional(path):
         if not unconditional_ok:
             raise UsageError(f"{model} is an unconditional model (no text encoder): this needs a text-to-image "
@@ -127,6 +141,10 @@ def load_models(model: str, device: torch.device, dtype: torch.dtype = torch.flo
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, **kw)
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=torch.float32, **kw)
         scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
+        if sdxl:
+            tokenizer_2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2")
+            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2",
+                                                                         dtype=dtype, **kw)
     except (OSError, ValueError) as e:
         if Path(path).exists():
             raise UsageError(f"could not load the model in {path}: {str(e).splitlines()[0]}") from None
@@ -141,6 +159,15 @@ def load_models(model: str, device: torch.device, dtype: torch.dtype = torch.flo
     unet.to(device)
     models = Models(model, path, tokenizer, text_encoder, vae, unet, scheduler, device, dtype, toy)
     models.sample_batch_size = sample_batch_size or (64 if toy else 8)
+    if sdxl:
+        models.tokenizer_2, models.text_encoder_2 = tokenizer_2, text_encoder_2.to(device).eval().requires_grad_(False)
+        with_sdxl_inputs(unet, model)
+        index = json.loads((Path(path) / "model_index.json").read_text()) if Path(path).exists() else {}
+        models.zero_empty_prompt = index.get("force_zeros_for_empty_prompt", True)
+        size = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)  # pixels
+        models.time_ids = (size, size, 0, 0, size, size)  # original size, crop top-left, target size
+        if dtype == torch.float16 and vae.config.force_upcast:
+            vae.to(torch.float32)  # SDXL's VAE overflows in float16, as diffusers' pipeline knows
     if toy:
         models.sample_steps = toy["recommended"]["num_inference_steps"]
         models.guidance_scale = toy["recommended"]["guidance_scale"]
@@ -181,8 +208,8 @@ def base_model_name(model: str) -> str:
 # Pipeline families (model_index.json's class name starts with the key) the methods here cannot
 # train, refused in one sentence before any weight loads.
 REFUSED_PIPELINES = {
-    "StableDiffusionXL": "SDXL is not supported yet: its UNet also needs the second text encoder's "
-                                 "pooled embedding and the added time ids, which the sampler here does not pass",
+    "StableDiffusionXL": "of SDXL's pipelines only the text-to-image one (StableDiffusionXLPipeline) is "
+                                 "supported: the refiner and the image-conditioned ones condition the UNet otherwise",
     "StableDiffusion3": "SD3 is a flow-matching transformer (MMDiT), not a UNet sampled with DDIM, "
                                 "which every method here is written for",
     "Flux": "FLUX is a flow-matching transformer, not a UNet sampled with DDIM, which every method "
@@ -204,8 +231,9 @@ def pipeline_class(path: str) -> str | None:
 
 def refuse_pipeline(cls: str | None, model: str) -> None:
     for family, why in REFUSED_PIPELINES.items():
-        if cls is not None and cls.startswith(family):
-            raise UsageError(f"{model} is a {cls}: {why}; use an SD 1.x or 2.x model, or --model toy.")
+        if cls is not None and cls.startswith(family) and cls != SDXL_PIPELINE:
+            raise UsageError(f"{model} is a {cls}: {why}; use an SD 1.x, 2.x or SDXL text-to-image model, "
+                             "or --model toy.")
 
 
 def is_unconditional(path: str) -> bool:
@@ -287,11 +315,71 @@ def encode_prompts(models: Models, prompts: list[str]) -> torch.Tensor:
         tok = models.tokenizer
         for i in range(0, len(new), 64):
             chunk = new[i:i + 64]
+            if models.is_sdxl:
+                cache.update(zip(chunk, sdxl_text_states(models, chunk)))
+                continue
             ids = tok(chunk, padding="max_length", max_length=tok.model_max_length, truncation=True,
                       return_tensors="pt").input_ids.to(models.device)
             states = models.text_encoder(ids)[0]
             cache.update(zip(chunk, states))
     return torch.stack([cache[p] for p in prompts])
+
+
+# SDXL conditions its UNet on more than token states: two text encoders, whose penultimate hidden
+# states are joined token by token (77 tokens of 768 + 1280 = 2048 numbers), and two more inputs,
+# the second encoder's pooled embedding of the prompt (1280 numbers) and six "added time ids" (the
+# image's original height and width, its crop's top and left, the target height and width). So
+# that every method keeps calling `unet(x_t, t, encoder_hidden_states=c)` with one tensor c, an
+# SDXL prompt's c carries the two extra inputs in one more token after its 77: [pooled, time ids,
+# zeros]. A hook on the UNet hands them to diffusers as `added_cond_kwargs` before each call.
+SDXL_PIPELINE = "StableDiffusionXLPipeline"
+N_TIME_IDS = 6
+
+
+def sdxl_text_states(models: Models, prompts: list[str]) -> torch.Tensor:
+    """(n, 78, 2048) float32: the 77 token states of each prompt as diffusers' SDXL pipeline
+    computes them, then the extra token [pooled embedding, time ids, zeros]."""
+    states = []
+    for tok, encoder in ((models.tokenizer, models.text_encoder), (models.tokenizer_2, models.text_encoder_2)):
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(models.device)
+        out = encoder(ids, output_hidden_states=True)
+        states.append(out.hidden_states[-2].float())  # the penultimate layer, as SDXL was trained
+    pooled = out[0].float()  # the second encoder's projected pooled embedding ("text_embeds")
+    states = torch.cat(states, dim=-1)
+    if models.zero_empty_prompt:  # SDXL's unconditional input: zeros, not the encoded empty string
+        empty = torch.tensor([p == "" for p in prompts], device=states.device)
+        states[empty], pooled[empty] = 0.0, 0.0
+    time_ids = torch.tensor(models.time_ids, dtype=torch.float32, device=states.device).expand(len(prompts), -1)
+    extra = torch.zeros(len(prompts), 1, states.shape[-1], device=states.device)
+    extra[:, 0, :pooled.shape[-1] + N_TIME_IDS] = torch.cat([pooled, time_ids], dim=-1)
+    return torch.cat([states, extra], dim=1)
+
+
+def with_sdxl_inputs(unet: torch.nn.Module, model: str = "the model") -> torch.nn.Module:
+    """Install (once) the hook that unpacks an SDXL conditioning's extra token for `unet`."""
+    pooled = unet.config.projection_class_embeddings_input_dim - N_TIME_IDS * unet.config.addition_time_embed_dim
+    if pooled + N_TIME_IDS > unet.config.cross_attention_dim:
+        raise UsageError(f"{model}'s UNet takes a pooled embedding of {pooled} numbers, more than one token of its "
+                         f"{unet.config.cross_attention_dim}-number text states can carry beside its time ids.")
+    if not getattr(unet, "sdxl_inputs", False):
+        unet.register_forward_pre_hook(functools.partial(unpack_sdxl_inputs, pooled=pooled), with_kwargs=True)
+        unet.sdxl_inputs = True
+    return unet
+
+
+def unpack_sdxl_inputs(unet, args: tuple, kwargs: dict, pooled: int):
+    """Before each UNet call: the last token of encoder_hidden_states -> added_cond_kwargs (a call
+    that passes added_cond_kwargs itself, as diffusers' pipelines do, goes through untouched)."""
+    if kwargs.get("added_cond_kwargs") is not None:
+        return args, kwargs
+    if len(args) > 2:  # encoder_hidden_states given by position
+        args, kwargs = args[:2], {**kwargs, "encoder_hidden_states": args[2]}
+    c = kwargs["encoder_hidden_states"]
+    kwargs["encoder_hidden_states"] = c[:, :-1]
+    kwargs["added_cond_kwargs"] = {"text_embeds": c[:, -1, :pooled],
+                                   "time_ids": c[:, -1, pooled:pooled + N_TIME_IDS]}
+    return args, kwargs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -933,6 +1021,8 @@ def load_unet(path: str | Path, device: torch.device | str = "cpu"):
             str(path), subfolder=sub, use_safetensors=True, torch_dtype=torch.float32)
     except OSError:
         raise UsageError(f"could not load a UNet from {str(path)!r} (not a UNet folder, or offline).") from None
+    if getattr(unet.config, "addition_embed_type", None) == "text_time":  # SDXL's
+        with_sdxl_inputs(unet, str(path))
     return unet.to(device).eval()
 
 

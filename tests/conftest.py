@@ -75,6 +75,44 @@ def make_tiny_sd(folder: Path, **settings: object) -> Path:
     return out
 
 
+def make_tiny_sdxl(folder: Path) -> Path:
+    """A random pipeline with SDXL's layout: two CLIP text encoders (the second with a projection,
+    whose pooled output the UNet takes), a UNet with added "text_time" conditioning (the pooled
+    embedding and six size/crop numbers), an AutoencoderKL; small enough for a second on a CPU."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from toy.build import SCHEDULER, build_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer(folder / "tok-src")
+    text = dict(vocab_size=len(tokenizer), intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, **text))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, projection_dim=24, **text))
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2),
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=24 + 6 * 8, norm_num_groups=16)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=16,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=16)
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
+                                     scheduler=DDIMScheduler(**SCHEDULER))
+    out = folder / "tiny-sdxl"
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    return make_tiny_sdxl(tmp_path_factory.mktemp("sdxl"))
+
+
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory) -> Path:
     return make_tiny_sd(tmp_path_factory.mktemp("sd"))
