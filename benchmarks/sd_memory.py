@@ -120,6 +120,50 @@ def build(out: Path) -> None:
           f"(openai/clip-vit-base-patch32: 151.28M) -> {clip_dir}")
 
 
+# SDXL base 1.0's published component sizes (parameters)
+SDXL_PARAMS = {"unet": 2567.46e6, "text_encoder": 123.06e6, "text_encoder_2": 694.66e6, "vae": 83.65e6}
+
+
+def build_sdxl(out: Path) -> None:
+    """A random-weight StableDiffusionXLPipeline with SDXL base 1.0's exact architecture: UNet
+    2567M, CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 text towers (123M, 695M), the VAE (84M)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from toy.build import SCHEDULER, build_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer(out / "tokenizer-src")  # stands in for CLIP's BPE (see build)
+    tokenizer.model_max_length = 77
+    ids = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                                num_attention_heads=12, hidden_act="quick_gelu", **ids))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+        hidden_act="gelu", projection_dim=1280, **ids))
+    unet = UNet2DConditionModel(
+        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=1024,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        block_out_channels=(128, 256, 512, 512), layers_per_block=2, scaling_factor=0.13025)
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
+                                     scheduler=DDIMScheduler(**SCHEDULER))
+    pipe.save_pretrained(out, safe_serialization=True, max_shard_size="2GB")  # small shards: less host memory
+    print(f"SDXL base 1.0 architecture, random weights -> {out}")
+    for name, module in {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2,
+                         "vae": vae}.items():
+        n = sum(p.numel() for p in module.parameters())
+        print(f"  {name:15s} {n / 1e6:8.2f}M parameters (SDXL: {SDXL_PARAMS[name] / 1e6:.2f}M)")
+        assert abs(n - SDXL_PARAMS[name]) / SDXL_PARAMS[name] < 0.01, f"{name} does not match SDXL"
+
+
 # ---------------------------------------------------------------------------------------------
 # run: live tensor memory of one method run
 # ---------------------------------------------------------------------------------------------
@@ -230,8 +274,9 @@ def run(method: str, argv: list[str], sample_steps: int | None, adam_foreach: bo
 
     def load_models_tracked(*a, **kw):
         models = untracked(load_models, *a, **kw)
-        for m in (models.text_encoder, models.vae, models.unet):
-            tracker.register_module(m)
+        for m in (models.text_encoder, models.text_encoder_2, models.vae, models.unet):
+            if m is not None:
+                tracker.register_module(m)
         if sample_steps:
             models.sample_steps = sample_steps  # SD: 50; the memory of one step is the same
         return models
@@ -279,7 +324,7 @@ def probe(model: str, train: str, n: int, mixed_precision: str, checkpointing: b
     tracker.paused = True
     models = common.load_models(model, device, dtype)
     tracker.paused = False
-    params = common.select_trainable(models.unet, train)
+    params = common.select_trainable(models.unet, train, lora_rank=4, lora_on="full")
     if checkpointing:
         models.unet.enable_gradient_checkpointing()
     models.unet.train()
@@ -287,10 +332,12 @@ def probe(model: str, train: str, n: int, mixed_precision: str, checkpointing: b
     g = torch.Generator().manual_seed(0)
     started = time.time()
     with tracker:
-        for m in (models.text_encoder, models.vae, models.unet):
-            tracker.register_module(m)
+        for m in (models.text_encoder, models.text_encoder_2, models.vae, models.unet):
+            if m is not None:
+                tracker.register_module(m)
         c = common.encode_prompts(models, prompts)
-        x0 = torch.randn((n, 4, 64, 64), generator=g)
+        size = models.unet.config.sample_size  # 64 latent pixels at SD v1.4, 128 at SDXL
+        x0 = torch.randn((n, 4, size, size), generator=g)
         x_t, t, eps = common.add_noise(models.scheduler, x0, g)
         before = tracker.live
         tracker.peak = tracker.live
@@ -322,7 +369,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="write the random SD v1.4-architecture pipeline and CLIP ViT-B/32")
-    b.add_argument("--out", default="/tmp/sdmem/sd14", help="folder to write (default: %(default)s)")
+    b.add_argument("--out", default=None, help="folder to write (default: /tmp/sdmem/sd14 or /tmp/sdmem/sdxl)")
+    b.add_argument("--arch", default="sd14", choices=["sd14", "sdxl"], help="SD v1.4's or SDXL base 1.0's")
     r = sub.add_parser("run", help="run a method's main() under the live tensor memory tracker")
     r.add_argument("method", choices=list(MODULES))
     r.add_argument("--sample-steps", type=int, default=None,
@@ -332,7 +380,8 @@ def main():
     r.add_argument("--json", default=None, help="also write the result here")
     q = sub.add_parser("probe", help="one UNet training forward+backward (no optimiser, no reference)")
     q.add_argument("--model", default="/tmp/sdmem/sd14", help="the built folder (default: %(default)s)")
-    q.add_argument("--train", default="full", choices=["full", "xattn", "noxattn"])
+    q.add_argument("--train", default="full", choices=["full", "xattn", "noxattn", "lora"],
+                   help="what trains (lora: rank 4 on every attention projection)")
     q.add_argument("--n", type=int, default=1, help="samples in the UNet batch")
     q.add_argument("--mixed-precision", default="no", choices=["no", "bf16"])
     q.add_argument("--gradient-checkpointing", action="store_true")
@@ -342,7 +391,7 @@ def main():
     ours, theirs = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     a = p.parse_args(ours)
     if a.command == "build":
-        build(Path(a.out))
+        (build_sdxl if a.arch == "sdxl" else build)(Path(a.out or f"/tmp/sdmem/{a.arch}"))
     elif a.command == "probe":
         probe(a.model, a.train, a.n, a.mixed_precision, a.gradient_checkpointing, a.json)
     else:

@@ -60,6 +60,37 @@ def test_the_readme_is_a_ten_minute_read_and_points_nowhere_outside_the_reposito
             assert (ROOT / link).exists(), link
 
 
+def test_the_sdxl_line_parses_for_the_lora_methods_is_what_was_measured_and_the_others_refuse_it():
+    import importlib
+    import re
+
+    import common
+    from benchmarks.sd_memory import MODULES
+    bash = "\n".join(readme_blocks("bash")).replace("\\\n", " ")
+    line = re.search(r"^python pure\.py --model (?P<model>\S+) --concept church (?P<flags>[^#\n]*?)\s+# SDXL, "
+                     r"(?P<card>\d+) GB", bash, re.M)
+    assert line and line["model"] == "stabilityai/stable-diffusion-xl-base-1.0" and line["card"] == "24"
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert "its line fits the LoRA methods, not VDU or SalUn" in readme
+    for method, module in MODULES.items():
+        mod = importlib.import_module(module)
+        argv = ["--model", line["model"], "--concept", "church", *line["flags"].split()]
+        if method in ("vdu", "salun"):
+            with pytest.raises(common.UsageError, match="does not train LoRA adapters"):
+                mod.parse_args(argv)
+            continue
+        recipe = mod.parse_args(argv)  # nothing loads
+        path = ROOT / "benchmarks" / "records" / "sd_memory" / f"sdxl-{method}.json"
+        if not path.exists():  # composed from the probe (docs/lab/sd_memory.md, "SDXL")
+            assert method in ("mim_mu", "rl_critic", "fmn"), path
+            continue
+        rec = json.loads(path.read_text())
+        ran = mod.parse_args(rec["argv"])
+        for key in ("train", "gradient_checkpointing", "mixed_precision"):
+            assert getattr(ran, key) == getattr(recipe, key), (method, key)
+        assert rec["method"] == method and rec["peak_tensor_gib"] <= 22, rec
+
+
 def readme_memory_recipes() -> dict[str, list[str]]:
     """The README's Stable Diffusion lines tagged with a card size: {"16": flags, "24": flags}
     (a line continued with a backslash is one command)."""
