@@ -46,7 +46,8 @@ class UsageError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------
-# Models: a Stable Diffusion checkpoint (hub id, local folder or the toy) through one code path
+# Models: a Stable Diffusion checkpoint (SD 1.x, 2.x or SDXL; hub id, local folder or the toy)
+# through one code path
 # ---------------------------------------------------------------------------------------------
 
 def autocast(device: torch.device, dtype: torch.dtype):

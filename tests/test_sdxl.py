@@ -128,6 +128,12 @@ def test_a_lora_run_on_sdxl_saves_adapters_that_diffusers_sdxl_pipeline_loads(ti
     ours = common.sample(models, ["a photo of a church"], [0], unet=merged, steps=2, guidance_scale=7.5,
                          decode=False).latents
     assert (ours - after).abs().max() < 1e-4 * after.abs().max()
+    # chaining: a second method continues from the LoRA run, its reference the merged UNet
+    second = tmp_path / "second"
+    mim_mu.main(["--model", str(out), "--concept", "Monet", *RUNS["mim_mu"][1], *SMALL, "--output-dir", str(second)])
+    run = json.loads((second / "run.json").read_text())
+    assert run["base_model"] == str(tiny_sdxl) and [c["concept"] for c in run["chain"]] == ["church"]
+    assert common.load_run_unet(second).sdxl_inputs
 
 
 @pytest.mark.parametrize("cls", ["StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"])
