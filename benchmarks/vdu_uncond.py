@@ -27,6 +27,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import eval as evaluation  # noqa: E402
@@ -72,6 +74,10 @@ def run(variant: str, shape: str, seed: int) -> dict | None:
           f"{m['unlearned']['share'][shape]:.1%}, worst other loss {worst_other_loss(m):.0%}, FD-CLIP "
           f"{m['unlearned']['fd_clip']:.2f} (noise {m['base']['fd_clip']:.2f}), {rec['wall_time_s']:.0f}s", flush=True)
     return rec
+
+
+def median_range(values: list[float]) -> str:
+    return f"{np.median(values):.0f} [{min(values):.0f}, {max(values):.0f}]"
 
 
 def worst_other_loss(m: dict) -> float:
@@ -143,10 +149,12 @@ def report(records: dict, seeds: list[int]) -> str:
                      cell(lambda m, r: worst_other_loss(m), scale=100),
                      cell(lambda m, r: m["unlearned"]["fd_clip"] - m["base"]["fd_clip"], 2),
                      f"{sum(r['metrics']['meets_class_bar'] for r in recs.values())}/{len(recs)}",
-                     cell(lambda m, r: r["wall_time_s"], 0)])
+                     median_range([r["wall_time_s"] for r in recs.values()])])
     lines += [evaluation.markdown_table(
         ["variant", "runs (shapes)", "class share after (%)", "after / before", "worst other shape's loss (%)",
-         "FD-CLIP minus noise", "bar met", "wall time (s)"], rows), ""]
+         "FD-CLIP minus noise", "bar met", "wall time (s): median [min, max]"], rows), "",
+              "Wall times are of a machine shared with other jobs: a run that was paused or crowded by another "
+              "job shows in the maximum, not in the median.", ""]
     lines += ["### Per shape (class share before -> after, %, one entry per seed)", ""]
     shape_rows = []
     for v in VARIANTS:
