@@ -104,7 +104,8 @@ class Models:
 
 def load_models(model: str, device: torch.device, dtype: torch.dtype = torch.float32,
                 sample_batch_size: int | None = None, unconditional_ok: bool = False) -> Models:
-    """Tokenizer, CLIP text encoder, VAE, UNet and a DDIM scheduler, safetensors only.
+    """Tokenizer and CLIP text encoder (SDXL: two of each), VAE, UNet and a DDIM scheduler,
+    safetensors only.
     `sample_batch_size`: prompts per sampling batch (default: 64 on the toy, 8 on SD, where a batch of
     64 prompts alone needs about 24 GiB); every image the methods and eval generate goes through it.
     An unconditional model (toy-uncond) loads only where the caller handles one (`unconditional_ok`).
@@ -162,9 +163,9 @@ def load_models(model: str, device: torch.device, dtype: torch.dtype = torch.flo
     models.sample_batch_size = sample_batch_size or (64 if toy else 8)
     if sdxl:
         models.tokenizer_2, models.text_encoder_2 = tokenizer_2, text_encoder_2.to(device).eval().requires_grad_(False)
-        with_sdxl_inputs(unet, model)
-        index = json.loads((Path(path) / "model_index.json").read_text()) if Path(path).exists() else {}
-        models.zero_empty_prompt = index.get("force_zeros_for_empty_prompt", True)
+        with_sdxl_inputs(unet, model, pooled=text_encoder_2.config.projection_dim)
+        models.zero_empty_prompt = model_index(path).get("force_zeros_for_empty_prompt", True)
+        models.guidance_scale = 5.0  # diffusers' SDXL pipeline's default (SD's: 7.5)
         size = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)  # pixels
         models.time_ids = (size, size, 0, 0, size, size)  # original size, crop top-left, target size
         if dtype == torch.float16 and vae.config.force_upcast:
@@ -207,7 +208,8 @@ def base_model_name(model: str) -> str:
 
 
 # Pipeline families (model_index.json's class name starts with the key) the methods here cannot
-# train, refused in one sentence before any weight loads.
+# train, refused in one sentence before any weight loads; SDXL's text-to-image pipeline is not.
+SDXL_PIPELINE = "StableDiffusionXLPipeline"
 REFUSED_PIPELINES = {
     "StableDiffusionXL": "of SDXL's pipelines only the text-to-image one (StableDiffusionXLPipeline) is "
                                  "supported: the refiner and the image-conditioned ones condition the UNet otherwise",
@@ -218,21 +220,29 @@ REFUSED_PIPELINES = {
 }
 
 
-def pipeline_class(path: str) -> str | None:
-    """The pipeline class a diffusers folder or hub id declares (model_index.json), None if unknown."""
+def model_index(path: str) -> dict:
+    """A diffusers folder's or hub id's model_index.json ({} if unknown: offline, not a hub id; the
+    loading then says so in its own words)."""
     index = Path(path) / "model_index.json"
     try:
         if not index.exists():
             from huggingface_hub import hf_hub_download
             index = Path(hf_hub_download(path, "model_index.json"))
-        return json.loads(index.read_text()).get("_class_name")
-    except Exception:  # offline, not a hub id: the loading below says so in its own words
-        return None
+        return json.loads(index.read_text())
+    except Exception:
+        return {}
+
+
+def pipeline_class(path: str) -> str | None:
+    """The pipeline class a diffusers folder or hub id declares (model_index.json), None if unknown."""
+    return model_index(path).get("_class_name")
 
 
 def refuse_pipeline(cls: str | None, model: str) -> None:
+    if cls == SDXL_PIPELINE:  # SDXL's text-to-image pipeline is supported; its other pipelines are not
+        return
     for family, why in REFUSED_PIPELINES.items():
-        if cls is not None and cls.startswith(family) and cls != SDXL_PIPELINE:
+        if cls is not None and cls.startswith(family):
             raise UsageError(f"{model} is a {cls}: {why}; use an SD 1.x, 2.x or SDXL text-to-image model, "
                              "or --model toy.")
 
@@ -306,7 +316,8 @@ class AdaptersOff(torch.nn.Module):
 
 @torch.no_grad()
 def encode_prompts(models: Models, prompts: list[str]) -> torch.Tensor:
-    """CLIP text hidden states (n, tokens, dim) as SD conditions on them; cached per prompt."""
+    """CLIP text hidden states (n, tokens, dim) as SD conditions on them (SDXL: one more token,
+    sdxl_text_states); cached per prompt."""
     cache = models._prompt_cache
     new = [p for p in dict.fromkeys(prompts) if p not in cache]
     if new:
@@ -333,21 +344,20 @@ def encode_prompts(models: Models, prompts: list[str]) -> torch.Tensor:
 # that every method keeps calling `unet(x_t, t, encoder_hidden_states=c)` with one tensor c, an
 # SDXL prompt's c carries the two extra inputs in one more token after its 77: [pooled, time ids,
 # zeros]. A hook on the UNet hands them to diffusers as `added_cond_kwargs` before each call.
-SDXL_PIPELINE = "StableDiffusionXLPipeline"
 N_TIME_IDS = 6
 
 
 def sdxl_text_states(models: Models, prompts: list[str]) -> torch.Tensor:
     """(n, 78, 2048) float32: the 77 token states of each prompt as diffusers' SDXL pipeline
     computes them, then the extra token [pooled embedding, time ids, zeros]."""
-    states = []
-    for tok, encoder in ((models.tokenizer, models.text_encoder), (models.tokenizer_2, models.text_encoder_2)):
+    def encode(tok, encoder):
         ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
                   return_tensors="pt").input_ids.to(models.device)
-        out = encoder(ids, output_hidden_states=True)
-        states.append(out.hidden_states[-2].float())  # the penultimate layer, as SDXL was trained
-    pooled = out[0].float()  # the second encoder's projected pooled embedding ("text_embeds")
-    states = torch.cat(states, dim=-1)
+        return encoder(ids, output_hidden_states=True)
+    first, second = encode(models.tokenizer, models.text_encoder), encode(models.tokenizer_2, models.text_encoder_2)
+    # the penultimate layer of each, as SDXL was trained, joined token by token
+    states = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1).float()
+    pooled = second.text_embeds.float()  # the second encoder's projected pooled embedding
     if models.zero_empty_prompt:  # SDXL's unconditional input: zeros, not the encoded empty string
         empty = torch.tensor([p == "" for p in prompts], device=states.device)
         states[empty], pooled[empty] = 0.0, 0.0
@@ -357,9 +367,14 @@ def sdxl_text_states(models: Models, prompts: list[str]) -> torch.Tensor:
     return torch.cat([states, extra], dim=1)
 
 
-def with_sdxl_inputs(unet: torch.nn.Module, model: str = "the model") -> torch.nn.Module:
-    """Install (once) the hook that unpacks an SDXL conditioning's extra token for `unet`."""
-    pooled = unet.config.projection_class_embeddings_input_dim - N_TIME_IDS * unet.config.addition_time_embed_dim
+def with_sdxl_inputs(unet: torch.nn.Module, model: str = "the model", pooled: int | None = None) -> torch.nn.Module:
+    """Install (once) the hook that unpacks an SDXL conditioning's extra token for `unet`; `pooled`,
+    the second text encoder's embedding size where known, must match what the UNet takes."""
+    takes = unet.config.projection_class_embeddings_input_dim - N_TIME_IDS * unet.config.addition_time_embed_dim
+    if pooled is not None and pooled != takes:
+        raise UsageError(f"{model}'s UNet does not take SDXL base's {N_TIME_IDS} size ids beside its pooled text "
+                         "embedding (an SDXL refiner?); only SDXL's text-to-image base model is supported.")
+    pooled = takes
     if pooled + N_TIME_IDS > unet.config.cross_attention_dim:
         raise UsageError(f"{model}'s UNet takes a pooled embedding of {pooled} numbers, more than one token of its "
                          f"{unet.config.cross_attention_dim}-number text states can carry beside its time ids.")
@@ -374,7 +389,10 @@ def unpack_sdxl_inputs(unet, args: tuple, kwargs: dict, pooled: int):
     that passes added_cond_kwargs itself, as diffusers' pipelines do, goes through untouched)."""
     if kwargs.get("added_cond_kwargs") is not None:
         return args, kwargs
-    if len(args) > 2:  # encoder_hidden_states given by position
+    if len(args) > 3:
+        raise TypeError("an SDXL UNet here takes (sample, timestep, encoder_hidden_states) by position, the rest "
+                        "by name")
+    if len(args) == 3:  # encoder_hidden_states given by position
         args, kwargs = args[:2], {**kwargs, "encoder_hidden_states": args[2]}
     c = kwargs["encoder_hidden_states"]
     kwargs["encoder_hidden_states"] = c[:, :-1]
@@ -1002,7 +1020,7 @@ def check_scheduler(scheduler, model: str) -> None:
     kind = scheduler.config.prediction_type
     if kind not in PREDICTION_TYPES:
         raise UsageError(f"{model} predicts {kind!r}; these methods handle {' and '.join(PREDICTION_TYPES)} "
-                         "models (SD v1.x and 2.x).")
+                         "models (SD v1.x, 2.x and SDXL).")
     for key, handled in UNSUPPORTED_SCHEDULER.items():
         if scheduler.config.get(key, handled) != handled:
             raise UsageError(f"{model}'s scheduler sets {key}={scheduler.config.get(key)}, which the DDIM step "

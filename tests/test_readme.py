@@ -71,7 +71,7 @@ def test_the_sdxl_line_parses_for_the_lora_methods_is_what_was_measured_and_the_
                      r"(?P<card>\d+) GB", bash, re.M)
     assert line and line["model"] == "stabilityai/stable-diffusion-xl-base-1.0" and line["card"] == "24"
     readme = " ".join((ROOT / "README.md").read_text().split())
-    assert "its line fits the LoRA methods, not VDU or SalUn" in readme
+    assert "per-method flags in the memory doc (VDU needs 40 GB)" in readme
     for method, module in MODULES.items():
         mod = importlib.import_module(module)
         argv = ["--model", line["model"], "--concept", "church", *line["flags"].split()]
@@ -86,8 +86,11 @@ def test_the_sdxl_line_parses_for_the_lora_methods_is_what_was_measured_and_the_
             continue
         rec = json.loads(path.read_text())
         ran = mod.parse_args(rec["argv"])
-        for key in ("train", "gradient_checkpointing", "mixed_precision"):
-            assert getattr(ran, key) == getattr(recipe, key), (method, key)
+        shortened = {"model", "output_dir", "overwrite", "device", "n_eval_images", "steps", "sample_steps",
+                     "n_forget", "n_retain"}  # where it ran, and the run shortened for the measurement
+        for key, value in vars(recipe).items():
+            if key not in shortened:
+                assert getattr(ran, key) == value, (method, key)
         assert rec["method"] == method and rec["peak_tensor_gib"] <= 22, rec
 
 

@@ -48,6 +48,7 @@ def pipeline(folder):
 def test_the_sampler_equals_diffusers_sdxl_pipeline(tiny_sdxl):
     models = common.load_models(str(tiny_sdxl), CPU)
     assert models.is_sdxl and models.time_ids == (16, 16, 0, 0, 16, 16)  # 8 latent pixels x the VAE's 2
+    assert models.guidance_scale == 5.0  # the SDXL pipeline's default
     prompts, seeds = ["a photo of a church", "a painting by Monet"], [0, 1]
     ours = common.sample(models, prompts, seeds, steps=10, guidance_scale=7.5)
     pipe = pipeline(tiny_sdxl)
@@ -83,6 +84,8 @@ def test_the_extra_token_carries_the_pooled_embedding_and_time_ids_and_the_empty
                                added_cond_kwargs={"text_embeds": c[:, -1, :24], "time_ids": time_ids}).sample
     assert torch.equal(packed, explicit) and torch.equal(by_position, explicit)
     assert torch.equal(common.frozen_copy(models.unet)(x, t, encoder_hidden_states=c).sample, packed)
+    with pytest.raises(TypeError, match="by name"):  # nothing is silently dropped
+        models.unet(x, t, c, None)
 
 
 def test_without_force_zeros_the_empty_prompt_is_encoded_text(tiny_sdxl, tmp_path):
@@ -133,7 +136,10 @@ def test_a_lora_run_on_sdxl_saves_adapters_that_diffusers_sdxl_pipeline_loads(ti
     mim_mu.main(["--model", str(out), "--concept", "Monet", *RUNS["mim_mu"][1], *SMALL, "--output-dir", str(second)])
     run = json.loads((second / "run.json").read_text())
     assert run["base_model"] == str(tiny_sdxl) and [c["concept"] for c in run["chain"]] == ["church"]
-    assert common.load_run_unet(second).sdxl_inputs
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
+    c = common.encode_prompts(models, ["a photo of a church"])
+    with torch.no_grad():  # the reloaded chain's UNet unpacks the extra token as the original does
+        assert common.load_run_unet(second)(x, t, encoder_hidden_states=c).sample.shape == x.shape
 
 
 @pytest.mark.parametrize("cls", ["StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"])
@@ -151,3 +157,9 @@ def test_the_attack_refuses_sdxl_in_one_sentence(tiny_sdxl, tmp_path):
                                               "args": {"concept": "church", "model": str(tiny_sdxl)}}))
     with pytest.raises(common.UsageError, match="SDXL has two, which it does not handle yet"):
         attack.main(["--run", str(run), "--device", "cpu"])
+
+
+def test_a_unet_that_takes_other_size_ids_than_sdxl_base_is_refused_in_one_sentence(tiny_sdxl):
+    unet = common.load_unet(tiny_sdxl)  # takes a pooled embedding of 24 and 6 size ids
+    with pytest.raises(common.UsageError, match="an SDXL refiner"):
+        common.with_sdxl_inputs(unet, "refiner", pooled=32)  # 32 + 5 x 8: a refiner's aesthetic-score layout
