@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_script
 
 PROBES = ROOT / "benchmarks" / "probes"
 
@@ -123,3 +123,20 @@ def test_kid_bias_compares_the_two_estimators_on_the_base_model(probe, capsys):
     rows = table_rows(capsys.readouterr().out)
     assert [r[:2] for r in rows] == [["circle", "0"], ["mean (95%)", "1 units"]]
     assert all(float(c) == float(c) for c in rows[0][2:])  # two finite figures
+
+
+@pytest.mark.slow(25)
+def test_the_gpu_check_replays_memory_records_on_another_model_and_device(tiny_sd, tiny_sdxl, tmp_path):
+    # the script a GPU session runs, end to end on the CPU: an SD v1.4 record and an SDXL one,
+    # each pointed at a tiny pipeline, in its own process, into one JSON
+    out = tmp_path / "gpu.json"
+    r = run_script("benchmarks/gpu_check.py", "--records", "24gb-vdu", "sdxl-esd", "--sd14", tiny_sd,
+                   "--sdxl", tiny_sdxl, "--device", "cpu", "--out", tmp_path / "runs", "--json", out, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert [run["record"] for run in runs] == ["24gb-vdu", "sdxl-esd"], runs
+    for run in runs:
+        assert "failed" not in run and run["train_s"] > 0 and run["train_units"] == 2, run
+        assert str(tmp_path / "runs") in " ".join(run["argv"]) and "/tmp/sdmem" not in " ".join(run["argv"])
+    assert runs[0]["cpu_estimate_gib"] == json.loads((ROOT / "benchmarks/records/sd_memory/24gb-vdu.json")
+                                                     .read_text())["peak_tensor_gib"]
