@@ -343,7 +343,8 @@ def encode_prompts(models: Models, prompts: list[str]) -> torch.Tensor:
 # image's original height and width, its crop's top and left, the target height and width). So
 # that every method keeps calling `unet(x_t, t, encoder_hidden_states=c)` with one tensor c, an
 # SDXL prompt's c carries the two extra inputs in one more token after its 77: [pooled, time ids,
-# zeros]. A hook on the UNet hands them to diffusers as `added_cond_kwargs` before each call.
+# zeros]. A hook on the UNet hands them to diffusers as `added_cond_kwargs` before each call
+# (with_sdxl_inputs, with the plumbing below).
 N_TIME_IDS = 6
 
 
@@ -365,40 +366,6 @@ def sdxl_text_states(models: Models, prompts: list[str]) -> torch.Tensor:
     extra = torch.zeros(len(prompts), 1, states.shape[-1], device=states.device)
     extra[:, 0, :pooled.shape[-1] + N_TIME_IDS] = torch.cat([pooled, time_ids], dim=-1)
     return torch.cat([states, extra], dim=1)
-
-
-def with_sdxl_inputs(unet: torch.nn.Module, model: str = "the model", pooled: int | None = None) -> torch.nn.Module:
-    """Install (once) the hook that unpacks an SDXL conditioning's extra token for `unet`; `pooled`,
-    the second text encoder's embedding size where known, must match what the UNet takes."""
-    takes = unet.config.projection_class_embeddings_input_dim - N_TIME_IDS * unet.config.addition_time_embed_dim
-    if pooled is not None and pooled != takes:
-        raise UsageError(f"{model}'s UNet does not take SDXL base's {N_TIME_IDS} size ids beside its pooled text "
-                         "embedding (an SDXL refiner?); only SDXL's text-to-image base model is supported.")
-    pooled = takes
-    if pooled + N_TIME_IDS > unet.config.cross_attention_dim:
-        raise UsageError(f"{model}'s UNet takes a pooled embedding of {pooled} numbers, more than one token of its "
-                         f"{unet.config.cross_attention_dim}-number text states can carry beside its time ids.")
-    if not getattr(unet, "sdxl_inputs", False):
-        unet.register_forward_pre_hook(functools.partial(unpack_sdxl_inputs, pooled=pooled), with_kwargs=True)
-        unet.sdxl_inputs = True
-    return unet
-
-
-def unpack_sdxl_inputs(unet, args: tuple, kwargs: dict, pooled: int):
-    """Before each UNet call: the last token of encoder_hidden_states -> added_cond_kwargs (a call
-    that passes added_cond_kwargs itself, as diffusers' pipelines do, goes through untouched)."""
-    if kwargs.get("added_cond_kwargs") is not None:
-        return args, kwargs
-    if len(args) > 3:
-        raise TypeError("an SDXL UNet here takes (sample, timestep, encoder_hidden_states) by position, the rest "
-                        "by name")
-    if len(args) == 3:  # encoder_hidden_states given by position
-        args, kwargs = args[:2], {**kwargs, "encoder_hidden_states": args[2]}
-    c = kwargs["encoder_hidden_states"]
-    kwargs["encoder_hidden_states"] = c[:, :-1]
-    kwargs["added_cond_kwargs"] = {"text_embeds": c[:, -1, :pooled],
-                                   "time_ids": c[:, -1, pooled:pooled + N_TIME_IDS]}
-    return args, kwargs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1025,6 +992,40 @@ def check_scheduler(scheduler, model: str) -> None:
         if scheduler.config.get(key, handled) != handled:
             raise UsageError(f"{model}'s scheduler sets {key}={scheduler.config.get(key)}, which the DDIM step "
                              f"here does not implement; set it to {handled} in its scheduler config to use it.")
+
+
+def with_sdxl_inputs(unet: torch.nn.Module, model: str = "the model", pooled: int | None = None) -> torch.nn.Module:
+    """Install (once) the hook that unpacks an SDXL conditioning's extra token for `unet`; `pooled`,
+    the second text encoder's embedding size where known, must match what the UNet takes."""
+    takes = unet.config.projection_class_embeddings_input_dim - N_TIME_IDS * unet.config.addition_time_embed_dim
+    if pooled is not None and pooled != takes:
+        raise UsageError(f"{model}'s UNet does not take SDXL base's {N_TIME_IDS} size ids beside its pooled text "
+                         "embedding (an SDXL refiner?); only SDXL's text-to-image base model is supported.")
+    pooled = takes
+    if pooled + N_TIME_IDS > unet.config.cross_attention_dim:
+        raise UsageError(f"{model}'s UNet takes a pooled embedding of {pooled} numbers, more than one token of its "
+                         f"{unet.config.cross_attention_dim}-number text states can carry beside its time ids.")
+    if not getattr(unet, "sdxl_inputs", False):
+        unet.register_forward_pre_hook(functools.partial(unpack_sdxl_inputs, pooled=pooled), with_kwargs=True)
+        unet.sdxl_inputs = True
+    return unet
+
+
+def unpack_sdxl_inputs(unet, args: tuple, kwargs: dict, pooled: int):
+    """Before each UNet call: the last token of encoder_hidden_states -> added_cond_kwargs (a call
+    that passes added_cond_kwargs itself, as diffusers' pipelines do, goes through untouched)."""
+    if kwargs.get("added_cond_kwargs") is not None:
+        return args, kwargs
+    if len(args) > 3:
+        raise TypeError("an SDXL UNet here takes (sample, timestep, encoder_hidden_states) by position, the rest "
+                        "by name")
+    if len(args) == 3:  # encoder_hidden_states given by position
+        args, kwargs = args[:2], {**kwargs, "encoder_hidden_states": args[2]}
+    c = kwargs["encoder_hidden_states"]
+    kwargs["encoder_hidden_states"] = c[:, :-1]
+    kwargs["added_cond_kwargs"] = {"text_embeds": c[:, -1, :pooled],
+                                   "time_ids": c[:, -1, pooled:pooled + N_TIME_IDS]}
+    return args, kwargs
 
 
 def load_unet(path: str | Path, device: torch.device | str = "cpu"):
