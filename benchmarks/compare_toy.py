@@ -922,8 +922,11 @@ def lora_section(records: dict) -> list[str]:
             cells = [fmt_interval({u: figures(r)[k] for u, r in recs.items()}) for k in
                      ("ua", "retain_in_drop", "worst_drop")]
             size = np.mean([r.get("result_mb", full_mb) for r in recs.values()])
+            n_concepts, n_seeds = len({c for c, _ in units}), len({s for _, s in units})
+            grid = (f"{n_concepts} x {n_seeds}" if len(units) == n_concepts * n_seeds else
+                    f"{len(units)} runs, {n_concepts} concepts (not every seed yet)")
             rows.append([label(name), *cells, fmt(np.mean([r["wall_time_s"] for r in recs.values()]), 0),
-                         fmt(size, 2), f"{len({c for c, _ in units})} x {len(units) // len({c for c, _ in units})}"])
+                         fmt(size, 2), grid])
     if not rows:
         return []
     claims = holm([check_claim(records, c) for c in LORA_CLAIMS])
