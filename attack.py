@@ -115,10 +115,7 @@ class Placeholder:
 
     def text_states(self, prompts: list[str]) -> torch.Tensor:
         """c(v): the text encoder's states of `prompts`, differentiable in v (no cache)."""
-        tok = self.models.tokenizer
-        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids.to(self.models.device)
-        return self.models.text_encoder(ids)[0]  # (n, tokens, dim)
+        return common.text_states(self.models, prompts)  # (n, tokens, dim)
 
     def nearest_words(self, k: int = 5) -> list[tuple[str, float]]:
         """The k vocabulary tokens whose input embeddings are closest in cosine to v."""

@@ -324,17 +324,18 @@ def encode_prompts(models: Models, prompts: list[str]) -> torch.Tensor:
         if models.is_toy:
             for p in new:
                 check_toy_prompt(p, models.toy)
-        tok = models.tokenizer
         for i in range(0, len(new), 64):
             chunk = new[i:i + 64]
-            if models.is_sdxl:
-                cache.update(zip(chunk, sdxl_text_states(models, chunk)))
-                continue
-            ids = tok(chunk, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids.to(models.device)
-            states = models.text_encoder(ids)[0]
-            cache.update(zip(chunk, states))
+            cache.update(zip(chunk, (sdxl_text_states if models.is_sdxl else text_states)(models, chunk)))
     return torch.stack([cache[p] for p in prompts])
+
+
+def text_states(models: Models, prompts: list[str]) -> torch.Tensor:
+    """(n, 77, dim): the CLIP text encoder's last hidden states, padded to its length (SD 1.x, 2.x)."""
+    tok = models.tokenizer
+    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids.to(models.device)
+    return models.text_encoder(ids)[0]
 
 
 # SDXL conditions its UNet on more than token states: two text encoders, whose penultimate hidden
