@@ -206,8 +206,9 @@ class Judge:
     and seed, trained by the same build) the same question; eval reports how often they agree.
     """
 
-    def __init__(self, models: common.Models, clip: Clip | None = None):
+    def __init__(self, models: common.Models, clip: Clip | None = None, classifier: str | None = None):
         self.models, self.clip = models, clip
+        self.classifier = classifier or SD_RESNET  # the Imagenette judge: an ImageNet classifier
         self._toy, self._resnet = {}, None
 
     def _toy_judge(self, name: str = "judge"):
@@ -250,10 +251,10 @@ class Judge:
         from transformers import AutoImageProcessor, AutoModelForImageClassification
         if self._resnet is None:
             try:
-                proc = AutoImageProcessor.from_pretrained(SD_RESNET)
-                model = AutoModelForImageClassification.from_pretrained(SD_RESNET, use_safetensors=True)
+                proc = AutoImageProcessor.from_pretrained(self.classifier)
+                model = AutoModelForImageClassification.from_pretrained(self.classifier, use_safetensors=True)
             except OSError:
-                raise common.UsageError(f"could not load the judge {SD_RESNET!r} (offline or not cached).") from None
+                raise common.UsageError(f"could not load the judge {self.classifier!r} (offline or not cached).") from None
             self._resnet = (model.to(self.models.device).eval(), proc.image_mean, proc.image_std)
         model, mean, std = self._resnet
         by_index = {v: k for k, v in IMAGENET_INDEX.items()}

@@ -100,8 +100,13 @@ KID_ESTIMATOR = "u-statistic"
 # ---------------------------------------------------------------------------------------------
 
 
-def record_path(name: str, concept: str, seed: int) -> Path:
-    return RECORDS / name / f"{concept}-seed{seed}.json"
+def file_name(concept: str) -> str:
+    """A concept as it appears in file names: "Van Gogh" -> "van-gogh" (a toy concept is unchanged)."""
+    return concept.lower().replace(" ", "-")
+
+
+def record_path(name: str, concept: str, seed: int, root: Path = RECORDS) -> Path:
+    return root / name / f"{file_name(concept)}-seed{seed}.json"
 
 
 def commit() -> str:
@@ -165,23 +170,44 @@ def write_json(path: Path, data: dict) -> None:
 
 
 class Evaluator:
-    """The toy model, judge and CLIP loaded once; base evaluations cached per (concept, seed)."""
+    """A model, its judge and CLIP loaded once; base evaluations cached per (concept, seed). The
+    toy by default; the Stable Diffusion benchmark (compare_sd.py) passes its model, judges, image
+    count and folders, `method_args` (appended to every method's command line) and `fields` (added
+    to every record: the model, the hardware)."""
 
-    def __init__(self):
-        self.models = common.load_models("toy", torch.device("cpu"))
-        self.clip = evaluation.load_clip(self.models)
-        self.judge = evaluation.Judge(self.models, self.clip)
-        self._base = {}
+    def __init__(self, model: str = "toy", device: str = "cpu", n_images: int = N_IMAGES, records: Path = RECORDS,
+                 work: Path = WORK, clip: str | None = None, classifier: str | None = None,
+                 method_args: tuple = (), fields: dict | None = None):
+        self.model, self.n_images, self.records, self.work = model, n_images, records, work
+        self.method_args, self.fields = list(method_args), fields or {}
+        self._load_args, self._loaded, self._base = (model, device, clip, classifier), None, {}
+
+    def _load(self) -> tuple:
+        """The model, CLIP and judge, loaded on first use (after the first run has trained)."""
+        if self._loaded is None:
+            model, device, clip, classifier = self._load_args
+            models = common.load_models(model, torch.device(device))
+            clip = evaluation.load_clip(models, clip)
+            self._loaded = models, clip, evaluation.Judge(models, clip, classifier)
+        return self._loaded
+
+    models = property(lambda self: self._load()[0])
+    clip = property(lambda self: self._load()[1])
+    judge = property(lambda self: self._load()[2])
+
+    def record_path(self, name: str, concept: str, seed: int) -> Path:
+        return record_path(name, concept, seed, self.records)
 
     def eval_set(self, concept: str, seed: int):
         ps = common.concept_prompts(concept, self.models)
-        return ps, evaluation.eval_set(ps, N_IMAGES, seed)
+        return ps, evaluation.eval_set(ps, self.n_images, seed)
 
     def base(self, concept: str, seed: int) -> tuple[dict, torch.Tensor]:
         """The base model's metrics (record) and retain-image CLIP features (cached in outputs/)."""
         if (concept, seed) in self._base:
             return self._base[(concept, seed)]
-        path, feats_path = record_path("base", concept, seed), WORK / f"base-{concept}-seed{seed}.safetensors"
+        path = self.record_path("base", concept, seed)
+        feats_path = self.work / f"base-{file_name(concept)}-seed{seed}.safetensors"
         if path.exists() and feats_path.exists():
             out = json.loads(path.read_text())["metrics"], load_file(feats_path)["features"]
         else:
@@ -192,7 +218,7 @@ class Evaluator:
             # same retain prompts with other seeds (a perfect method would score this)
             groups = [g for g in ("retain_in", "retain_cross") if g in es.groups]
             prompts = [p for g in groups for p in es.groups[g]]
-            floor = evaluation.eval_set(ps, N_IMAGES, seed, "noise_floor")  # the same prompts, other seeds
+            floor = evaluation.eval_set(ps, self.n_images, seed, "noise_floor")  # the same prompts, other seeds
             seeds = [s for g in groups for s in floor.seeds[g]]
             again = self.clip.image_features(common.sample(self.models, prompts, seeds).images)
             m["fd_clip_floor"] = evaluation.frechet_distance(again, feats)
@@ -200,8 +226,8 @@ class Evaluator:
             feats_path.parent.mkdir(parents=True, exist_ok=True)
             save_file({"features": feats.contiguous()}, feats_path)
             if not path.exists():  # a recomputed base (new machine) leaves the committed record alone
-                write_json(path, {"concept": concept, "seed": seed, "n_images": N_IMAGES, "commit": commit(),
-                                  "kid_estimator": KID_ESTIMATOR,
+                write_json(path, {"concept": concept, "seed": seed, "n_images": self.n_images, "commit": commit(),
+                                  "kid_estimator": KID_ESTIMATOR, **self.fields,
                                   "eval_time_s": round(time.time() - t0, 1), "metrics": m})
             out = m, feats
         self._base[(concept, seed)] = out
@@ -221,9 +247,11 @@ class Evaluator:
 def run_method(name: str, concept: str, seed: int, ev: Evaluator) -> dict | None:
     """Train one method (or variant) on one (concept, seed), evaluate it, write its record."""
     method, extra = VARIANTS.get(name, (name, []))
+    extra = [*extra, *ev.method_args]
     script = evaluation.METHODS[method]["script"]
-    out, log = WORK / f"{name}-{concept}-seed{seed}", WORK / f"{name}-{concept}-seed{seed}.log"
-    cmd = [sys.executable, script, "--model", "toy", "--concept", concept, "--seed", str(seed),
+    stem = f"{name}-{file_name(concept)}-seed{seed}"
+    out, log = ev.work / stem, ev.work / f"{stem}.log"
+    cmd = [sys.executable, script, "--model", ev.model, "--concept", concept, "--seed", str(seed),
            "--n-eval-images", "0", "--output-dir", str(out), "--overwrite", *extra]
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
@@ -234,16 +262,17 @@ def run_method(name: str, concept: str, seed: int, ev: Evaluator) -> dict | None
     run = json.loads((out / "run.json").read_text())
     base, _ = ev.base(concept, seed)
     m, eval_time = ev.unlearned(out, concept, seed)
-    rec = {"method": name, "concept": concept, "seed": seed, "commit": commit(), "n_images": N_IMAGES,
-           "command": " ".join(["python", script, "--model", "toy", "--concept", concept, "--seed", str(seed), *extra]),
+    where = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
+    rec = {"method": name, "concept": concept, "seed": seed, "commit": commit(), "n_images": ev.n_images,
+           "command": " ".join(["python", script, "--model", ev.model, "--concept", concept, "--seed", str(seed), *extra]),
            # what exactly ran (the output folder relative to the repository) and which weights were evaluated
-           "argv": [str(Path(c).relative_to(ROOT)) if c == str(out) else c for c in cmd[1:]],
+           "argv": [str(where) if c == str(out) else c for c in cmd[1:]], **ev.fields,
            "unet_sha256": unet_sha256(out), "result_mb": round(result_file(out).stat().st_size / 2 ** 20, 3),
            "kid_estimator": KID_ESTIMATOR, "args": run["args"], "train_time_s": run["wall_time_s"], "eval_time_s": round(eval_time, 1),
            # what one standalone run takes, less its base evaluation (the benchmark shares that)
            "wall_time_s": round(run["wall_time_s"] + eval_time, 1),
            "base": base, "unlearned": m}
-    write_json(record_path(name, concept, seed), rec)
+    write_json(ev.record_path(name, concept, seed), rec)
     print(f"  {name} {concept} seed {seed}: UA {m['ua']:.0%}, retain in {m['retain_in']:.0%} (base "
           f"{base['retain_in']:.0%}), worst {m['retain_in_worst_value']} {m['retain_in_worst']:.0%}, "
           f"{rec['wall_time_s']:.0f}s", flush=True)
@@ -350,7 +379,9 @@ def figures(rec: dict) -> dict:
         "retain_in_drop": 100 * (b["retain_in"] - u["retain_in"]),
         "worst_drop": 100 * evaluation.worst_drop(rec)[1],  # the neighbour damaged most
         "retain_cross_drop": 100 * (b["retain_cross"] - u["retain_cross"]),
-        "forget_fidelity": 100 * u["forget_fidelity"], "forget_degenerate": 100 * u["forget_degenerate"],
+        # forget fidelity reads the toy's attributes: a Stable Diffusion record has none
+        "forget_fidelity": 100 * u.get("forget_fidelity", math.nan),
+        "forget_degenerate": 100 * u.get("forget_degenerate", math.nan),
         "fd_clip": u["fd_clip"], "kid_clip": u["kid_clip"],
         "clip_forget": u["clip_forget"], "clip_retain": u["clip_retain"], "wall_time_s": rec["wall_time_s"],
         # the embedding attack's success on this run's UNet, where it was attacked (load_records)
@@ -570,17 +601,17 @@ def units_of(records: dict, name: str, key: str) -> dict:
     return {(c, s): figures(r)[key] for (n, c, s), r in records.items() if n == name}
 
 
-def method_table(records: dict, names: list[str]) -> str:
+def method_table(records: dict, names: list[str], columns: list[str] = COLUMNS) -> str:
     rows = []
     for name in names:
         recs = [r for (n, _, _), r in records.items() if n == name]
         if not recs:
             continue
-        cells = [fmt_interval(units_of(records, name, k), 2 if k == "kid_clip" else 1) for k in COLUMNS]
+        cells = [fmt_interval(units_of(records, name, k), 2 if k == "kid_clip" else 1) for k in columns]
         meets = int(sum(evaluation.meets_common_bar(r) for r in recs))
         n_concepts = len({r["concept"] for r in recs})
         rows.append([label(name), f"{len(recs)} ({n_concepts})", *cells, f"{meets}/{len(recs)}"])
-    header = ["method", "runs (concepts)", *map(evaluation.heading, COLUMNS), "runs meeting the common bar"]
+    header = ["method", "runs (concepts)", *map(evaluation.heading, columns), "runs meeting the common bar"]
     return evaluation.markdown_table(header, rows)
 
 
@@ -1023,6 +1054,28 @@ def claims_records(records: dict, claim) -> tuple[dict, list[int]]:
     return seed_set(records, SEEDS), SEEDS
 
 
+def claims_table(claims: list[dict]) -> str:
+    """The claims (check_claim + holm), one row each: source, the other side, seeds, units, the
+    difference with its 95% and Holm intervals, both verdicts, and the unmatched difference."""
+    rows = []
+    for c in claims:
+        unit = "%" if c["metric"] in ("ua", "retain_in") else " points"
+        against = label(c["against"]) if isinstance(c["against"], str) else f"the figure {c['against']:g}{unit}"
+        diff = "-" if c["n"] == 0 else (fmt(c["mean"]) if math.isnan(c["low"]) else
+                                        f"{fmt(c['mean'])} [{fmt(c['low'])}, {fmt(c['high'])}]")
+        adjusted = f"[{fmt(c['holm_low'])}, {fmt(c['holm_high'])}]" if "holm_low" in c else "-"
+        unmatched = "-"
+        if c["unmatched"] is not None and not math.isnan(c["unmatched"][0]):
+            m, lo, hi = c["unmatched"]
+            unmatched = fmt(m) if math.isnan(lo) else f"{fmt(m)} [{fmt(lo)}, {fmt(hi)}]"
+        seeds = str(c["seeds"][0]) if len(c["seeds"]) == 1 else f"{c['seeds'][0]}-{c['seeds'][-1]}"
+        rows.append([c["paper"], c["claim"], c["source"], against, seeds,
+                     f"{c['n']} ({c['n_units']})", diff, adjusted, c["verdict"], c["holm_verdict"], unmatched])
+    header = ["paper", "claim", "source", "against", "seeds", "concepts (runs)", "mean difference [95% interval]",
+              "Holm interval", "verdict (unadjusted)", "verdict (Holm)", "every paired unit, forgotten or not"]
+    return evaluation.markdown_table(header, rows)
+
+
 def write_claims(records: dict, docs: Path) -> None:
     claims = []
     for c in CLAIMS:
@@ -1051,22 +1104,7 @@ def write_claims(records: dict, docs: Path) -> None:
            "reconstruction, reported as measured.", "",
            f"Holm changed {changed} of the {family} verdicts in its family.", "",
            "![each claim's difference with its 95% and Holm intervals](forest.png)", ""]
-    rows = []
-    for c in claims:
-        unit = "%" if c["metric"] in ("ua", "retain_in") else " points"
-        against = label(c["against"]) if isinstance(c["against"], str) else f"the figure {c['against']:g}{unit}"
-        diff = "-" if c["n"] == 0 else (fmt(c["mean"]) if math.isnan(c["low"]) else
-                                        f"{fmt(c['mean'])} [{fmt(c['low'])}, {fmt(c['high'])}]")
-        adjusted = f"[{fmt(c['holm_low'])}, {fmt(c['holm_high'])}]" if "holm_low" in c else "-"
-        unmatched = "-"
-        if c["unmatched"] is not None and not math.isnan(c["unmatched"][0]):
-            m, lo, hi = c["unmatched"]
-            unmatched = fmt(m) if math.isnan(lo) else f"{fmt(m)} [{fmt(lo)}, {fmt(hi)}]"
-        rows.append([c["paper"], c["claim"], c["source"], against, f"{c['seeds'][0]}-{c['seeds'][-1]}",
-                     f"{c['n']} ({c['n_units']})", diff, adjusted, c["verdict"], c["holm_verdict"], unmatched])
-    header = ["paper", "claim", "source", "against", "seeds", "concepts (runs)", "mean difference [95% interval]",
-              "Holm interval", "verdict (unadjusted)", "verdict (Holm)", "every paired unit, forgotten or not"]
-    out += [evaluation.markdown_table(header, rows)]
+    out += [claims_table(claims)]
     out += ["", "Variants (`python benchmarks/compare_toy.py --methods <variant>`): " + "; ".join(
         f"`{v}` = {label(v)}" for v in VARIANTS) + ". A claim on a variant reads \"not measured yet\" until "
         "its runs are recorded."]
