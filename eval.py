@@ -298,6 +298,60 @@ class Judge:
 
 
 # ---------------------------------------------------------------------------------------------
+# Rewards: CLIP and the judge scoring one image each (CGRU's terminal reward, rl_critic.py)
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def terminal_rewards(kind: str, roll: dict, ps: common.PromptSet, clip: Clip, judge: Judge | None) -> torch.Tensor:
+    """CGRU's raw terminal rewards r(x_0, c) of `kind` (its --reward): forget -> away from the
+    concept, retain -> toward its own prompt. `roll` holds prompts, is_forget, images and (CLIP rewards)
+    text, the prompts' CLIP text embeddings."""
+    f, images = roll["is_forget"], roll["images"]
+    if kind == "classifier":
+        # forget: r = 1 - p(concept | x_0); retain: r = p(the value its prompt names | x_0)
+        targets = [(ps.kind, ps.concept) if fi else _retain_target(prompt, ps)
+                   for prompt, fi in zip(roll["prompts"], f.tolist())]
+        p = torch.empty(len(targets))
+        for k in {k for k, _ in targets}:  # the judge has one head per kind
+            idx = [j for j, (kj, _) in enumerate(targets) if kj == k]
+            p[idx] = judge.probability(images[idx], k, [targets[j][1] for j in idx])
+        return torch.where(f, 1 - p, p)
+    img = F.normalize(clip.image_features(images), dim=-1)
+    own = F.normalize(roll["text"], dim=-1)
+    zero_shot = kind in ("clip-zero-shot", "clip-hybrid")
+    # several concepts in one run: a forget image's reward is about the concept(s) its prompt is a
+    # forget prompt of (the mean over them; ours: CGRU erases one concept)
+    total, count = torch.zeros(len(images)), torch.zeros(len(images))
+    for part in ps.parts or [ps]:
+        # the concept's text first, then (zero-shot only) its in-domain alternatives, encoded together
+        alternatives = [p for p, _ in part.retain_in] if zero_shot else []
+        texts = F.normalize(clip.text_features([part.forget[0]] + alternatives), dim=-1)
+        # retain (every CLIP reward): r = cos(image, own prompt)
+        # forget, clip (default): r = -cos(image, concept text)
+        forget = -(img @ texts[0])
+        if zero_shot:
+            # reconstructed: r = 1 - p(concept | x_0), p from CLIP zero-shot over the concept and its
+            # in-domain alternatives, p = softmax(logit_scale * cos(image, [concept, alternatives]))[0].
+            # A blank canvas lowers the cosine but not p: see "reward hacking" in docs/methods/rl_critic.md
+            p = (clip.model.logit_scale.exp().cpu() * img @ texts.T).softmax(-1)[:, 0]
+            forget = 1 - p if kind == "clip-zero-shot" else 1 - p + forget
+        mine = torch.tensor([prompt in part.forget for prompt in roll["prompts"]]) if ps.parts else f
+        total, count = total + torch.where(mine, forget, 0.0), count + mine.float()
+    return torch.where(f, total / count.clamp(min=1), (img * own).sum(-1))
+
+
+def _retain_target(prompt: str, ps: common.PromptSet) -> tuple[str, str]:
+    """(kind, value) a toy retain prompt should show: its value of the concept's kind if it names
+    one ('a red square' -> shape square), else the other value it names ('a striped shape')."""
+    named = [(ps.kind, v) for _, v in ps.retain_in] + [(k, v) for _, k, v in ps.retain_cross]
+    words = prompt.split()
+    for kind, value in named:
+        if value in words:
+            return kind, value
+    raise common.UsageError(f"--reward classifier needs retain prompts that name a toy value; {prompt!r} names none.")
+
+
+# ---------------------------------------------------------------------------------------------
 # Metrics
 # ---------------------------------------------------------------------------------------------
 

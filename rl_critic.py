@@ -35,12 +35,12 @@ derivation, what is reconstructed, and the evidence behind the defaults: docs/me
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.embeddings import get_timestep_embedding  # sinusoidal, as in the UNet
 from torch import nn
 
 import common
@@ -63,35 +63,26 @@ class Args:
     samples_per_iteration: int = common.arg(None, "trajectories per iteration (half forget, half retain: at least 4)", ">=4")
     sample_steps: int = common.arg(None, "DDIM steps of a trajectory (the MDP's horizon)", ">=1")
     eta: float = common.arg(1.0, "DDIM stochasticity: the policy's noise scale (eta = 0 has no log-probability)", ">0")
-    guidance_scale: float = common.arg(None, "classifier-free guidance of the policy while training "
-                                             "(the final report samples at the model's own)", ">=0")
+    guidance_scale: float = common.arg(None, "classifier-free guidance while training (the report samples at the model's own)", ">=0")
     lr: float = common.arg(None, "policy Adam learning rate", ">0")
     ppo_epochs: int = common.arg(1, "passes over each iteration's (state, action) pairs", ">=1")
-    reuse_iterations: int = common.arg(0, "off-policy reuse: also train on the trajectories of this many "
-                                          "previous iterations, through PPO ratios against their stored "
-                                          "behaviour log-probs (0: on-policy)", ">=0")
+    reuse_iterations: int = common.arg(0, "off-policy reuse: also train on this many previous iterations' trajectories, "
+                                          "through PPO ratios against their stored log-probs (0: on-policy)", ">=0")
     minibatch: int = common.arg(None, "(state, action) pairs per forward and backward pass", ">=1")
     grad_accumulation: int = common.arg(None, "minibatches whose mean gradient makes one Adam step", ">=1")
     clip_range: float = common.arg(None, "PPO ratio clip epsilon", ">0")
     gae_lambda: float = common.arg(0.95, "GAE lambda: 0 = per-step critic differences, 1 = r - V(s_t)", "[0,1]")
-    advantages: str = common.arg("critic", "critic: per-step advantages from the critic (GAE); terminal: the "
-                                           "paper's ablation, every step gets its trajectory's final reward "
-                                           "normalised per prompt as DDPO does, and no critic is fitted",
-                                 choices=["critic", "terminal"])
-    kl_weight: float = common.arg(None, "beta_kl: per-step KL to the frozen reference policy, on the "
-                                        "retain prompts' steps", ">=0")
-    kl_uncond: bool = common.arg(False, "also hold the unconditional branch at the reference in the KL, "
-                                        "on every step")
-    train_steps: float = common.arg(None, "PPO trains on this share of each trajectory's steps, noisiest "
-                                          "first (1: all)", "(0,1]")
+    advantages: str = common.arg("critic", "critic: GAE on the critic's values; terminal: the paper's ablation, no critic, "
+                                           "every step gets the final reward normalised per prompt (DDPO)", choices=["critic", "terminal"])
+    kl_weight: float = common.arg(None, "beta_kl: per-step KL to the frozen reference policy on the retain prompts' steps", ">=0")
+    kl_uncond: bool = common.arg(False, "also hold the unconditional branch at the reference in the KL, on every step")
+    train_steps: float = common.arg(None, "PPO trains on this share of each trajectory's steps, noisiest first (1: all)", "(0,1]")
     reward: str = common.arg("clip", "terminal reward: CLIP similarity; CLIP zero-shot 1 - p(concept); their sum; "
                                      "or the judge (then UA is optimised)",
                              choices=["clip", "clip-zero-shot", "clip-hybrid", "classifier"])
-    critic_input: str = common.arg("x_t", "what the critic sees: the noisy state, or the predicted x0_hat "
-                                          "(ablation)", choices=["x_t", "x0_hat"])
+    critic_input: str = common.arg("x_t", "what the critic sees: the noisy state, or x0_hat (ablation)", choices=["x_t", "x0_hat"])
     timestep: bool = common.arg(True, "FiLM timestep conditioning of the critic (--no-timestep: ablation)")
-    clip_model: str = common.arg(None, "CLIP for the reward and the critic (default: the toy CLIP on "
-                                       "the toy, openai/clip-vit-base-patch32 on SD)")
+    clip_model: str = common.arg(None, "CLIP of the reward and the critic (default: the toy's; SD: openai/clip-vit-base-patch32)")
     critic_lr: float = common.arg(1e-3, "critic Adam learning rate", ">0")
     critic_epochs: int = common.arg(20, "critic passes over the replay buffer per iteration", ">=0")
     warmup_epochs: int = common.arg(20, "critic passes over the reference policy's rollouts before any update", ">=0")
@@ -165,7 +156,7 @@ def setup(args: Args):
     return models, ps, unet_ref, params, clip, critic
 
 
-# --- Data ---
+# --- Data: rollouts ---
 # The method's data are its own rollouts: trajectories the current policy samples.
 
 def sample_trajectories(models: common.Models, prompts: list[str], seeds: list[int], steps: int,
@@ -203,66 +194,12 @@ def rollouts(models: common.Models, ps: common.PromptSet, n: int, steps: int, gu
 
 
 # --- Reward ---
-
-@torch.no_grad()
-def rewards(kind: str, roll: dict, ps: common.PromptSet, clip, judge) -> torch.Tensor:
-    """Raw terminal rewards r(x_0, c) of `kind` (--reward): forget -> away from the concept,
-    retain -> toward its own prompt. `roll` holds prompts, is_forget, images and (CLIP rewards)
-    text, the prompts' CLIP text embeddings."""
-    f, images = roll["is_forget"], roll["images"]
-    if kind == "classifier":
-        # forget: r = 1 - p(concept | x_0); retain: r = p(the value its prompt names | x_0)
-        targets = [(ps.kind, ps.concept) if fi else _retain_target(prompt, ps)
-                   for prompt, fi in zip(roll["prompts"], f.tolist())]
-        p = torch.empty(len(targets))
-        for k in {k for k, _ in targets}:  # the judge has one head per kind
-            idx = [j for j, (kj, _) in enumerate(targets) if kj == k]
-            p[idx] = judge.probability(images[idx], k, [targets[j][1] for j in idx])
-        return torch.where(f, 1 - p, p)
-    img = F.normalize(clip.image_features(images), dim=-1)
-    own = F.normalize(roll["text"], dim=-1)
-    zero_shot = kind in ("clip-zero-shot", "clip-hybrid")
-    # several concepts in one run: a forget image's reward is about the concept(s) its prompt is a
-    # forget prompt of (the mean over them; ours: CGRU erases one concept)
-    total, count = torch.zeros(len(images)), torch.zeros(len(images))
-    for part in ps.parts or [ps]:
-        # the concept's text first, then (zero-shot only) its in-domain alternatives, encoded together
-        alternatives = [p for p, _ in part.retain_in] if zero_shot else []
-        texts = F.normalize(clip.text_features([part.forget[0]] + alternatives), dim=-1)
-        # retain (every CLIP reward): r = cos(image, own prompt)
-        # forget, clip (default): r = -cos(image, concept text)
-        forget = -(img @ texts[0])
-        if zero_shot:
-            # reconstructed: r = 1 - p(concept | x_0), p from CLIP zero-shot over the concept and its
-            # in-domain alternatives, p = softmax(logit_scale * cos(image, [concept, alternatives]))[0].
-            # A blank canvas lowers the cosine but not p: see "reward hacking" in docs/methods/rl_critic.md
-            p = (clip.model.logit_scale.exp().cpu() * img @ texts.T).softmax(-1)[:, 0]
-            forget = 1 - p if kind == "clip-zero-shot" else 1 - p + forget
-        mine = torch.tensor([prompt in part.forget for prompt in roll["prompts"]]) if ps.parts else f
-        total, count = total + torch.where(mine, forget, 0.0), count + mine.float()
-    return torch.where(f, total / count.clamp(min=1), (img * own).sum(-1))
-
-
-def _retain_target(prompt: str, ps: common.PromptSet) -> tuple[str, str]:
-    """(kind, value) a toy retain prompt should show: its value of the concept's kind if it names
-    one ('a red square' -> shape square), else the other value it names ('a striped shape')."""
-    named = [(ps.kind, v) for _, v in ps.retain_in] + [(k, v) for _, k, v in ps.retain_cross]
-    words = prompt.split()
-    for kind, value in named:
-        if value in words:
-            return kind, value
-    raise common.UsageError(f"--reward classifier needs retain prompts that name a toy value; {prompt!r} names none.")
+# r(x_0, c), only at the end of a trajectory: on forget prompts -CLIP similarity to the concept, on
+# retain prompts +CLIP similarity to their own prompt (--reward: CLIP zero-shot, their sum, or the
+# judge). Scoring images is measurement, so it lives beside the judges: eval.terminal_rewards.
 
 
 # --- Critic ---
-
-def timestep_embedding(t: torch.Tensor, dim: int = 64) -> torch.Tensor:
-    """Sinusoidal embedding of the diffusion timestep (as in the UNet)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10_000) * torch.arange(half, device=t.device) / half)
-    angles = t.float()[:, None] * freqs[None]
-    return torch.cat([angles.sin(), angles.cos()], dim=-1)
-
 
 class Critic(nn.Module):
     """V_phi(x_t, t, c) on frozen CLIP features: FiLM on t, then an MLP on [h', text]."""
@@ -278,7 +215,7 @@ class Critic(nn.Module):
     def forward(self, h: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         h = F.normalize(h, dim=-1)
         if self.film:
-            g, b = self.t_mlp(timestep_embedding(t)).chunk(2, dim=-1)
+            g, b = self.t_mlp(get_timestep_embedding(t, 64, downscale_freq_shift=0)).chunk(2, dim=-1)
             # h' = (1 + g(t)) * h + b(t)
             h = (1 + g) * h + b
         return self.head(torch.cat([h, F.normalize(text, dim=-1)], dim=-1)).squeeze(-1)
@@ -524,7 +461,7 @@ def train(args: Args, models: common.Models, ps: common.PromptSet, unet_ref, par
         roll = rollouts(models, ps, args.samples_per_iteration, args.sample_steps, args.guidance_scale, args.eta,
                         seed=args.seed * ROLLOUT_SEED_STRIDE + it)
         roll["text"] = clip.text_features(roll["prompts"])  # the prompts' CLIP embeddings: reward and critic
-        raw = rewards(args.reward, roll, ps, clip, judge)
+        raw = evaluation.terminal_rewards(args.reward, roll, ps, clip, judge)
         f = roll["is_forget"]
         if it == 0:  # the reference policy's statistics shape every later reward
             reward_stats = reward_statistics(raw, f)

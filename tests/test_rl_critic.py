@@ -172,9 +172,9 @@ def test_classifier_reward_scores_every_retain_prompt_by_the_value_it_names(toy_
     prompts = ps.forget[:2] + ["a red square", "a striped shape"]
     images = common.sample(toy_models, prompts, [0, 1, 2, 3]).images
     roll = dict(prompts=prompts, images=images, is_forget=torch.tensor([True, True, False, False]))
-    r = rl_critic.rewards("classifier", roll, ps, None, judge)
-    assert rl_critic._retain_target("a striped shape", ps) == ("texture", "striped")
-    assert rl_critic._retain_target("a red square", ps) == ("shape", "square")
+    r = rl_critic.evaluation.terminal_rewards("classifier", roll, ps, None, judge)
+    assert rl_critic.evaluation._retain_target("a striped shape", ps) == ("texture", "striped")
+    assert rl_critic.evaluation._retain_target("a red square", ps) == ("shape", "square")
     # the base model draws what it is asked: circles earn little as forget samples (1 - p(circle)),
     # the retain images earn much (p(own value))
     assert r[:2].max() < 0.2 and r[2:].min() > 0.8, r
@@ -191,7 +191,7 @@ def test_zero_shot_reward_is_one_minus_clips_probability_and_does_not_pay_for_a_
     def r(images, reward, forget=True):
         roll = dict(prompts=prompts, images=images, is_forget=torch.full((8,), forget),
                     text=clip.text_features(prompts))
-        return rl_critic.rewards(reward, roll, ps, clip, None)
+        return rl_critic.evaluation.terminal_rewards(reward, roll, ps, clip, None)
 
     # the formula, recomputed here: p = softmax(logit_scale * cos(image, [concept, alternatives]))[0]
     img = torch.nn.functional.normalize(clip.image_features(others), dim=-1)

@@ -62,7 +62,7 @@ def test_cgru_rewards_a_forget_image_for_leaving_its_own_concept(toy_models):
     images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     roll = {"prompts": prompts, "is_forget": torch.tensor([True, True, False]), "images": images,
             "text": clip.text_features(prompts)}
-    r = rl_critic.rewards("clip", roll, ps, clip, None)
+    r = rl_critic.evaluation.terminal_rewards("clip", roll, ps, clip, None)
     img = F.normalize(clip.image_features(images), dim=-1)
     concept_text = F.normalize(clip.text_features([ps.parts[0].forget[0], ps.parts[1].forget[0]]), dim=-1)
     assert torch.allclose(r[0], -(img[0] @ concept_text[0]), atol=1e-6)   # circle's own text

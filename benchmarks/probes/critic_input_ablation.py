@@ -40,7 +40,7 @@ def main():
         roll = rl_critic.rollouts(models, ps, args.samples_per_iteration, args.sample_steps, args.guidance_scale,
                                   args.eta, seed=10_000 + i)
         roll["text"] = clip.text_features(roll["prompts"])
-        roll["raw"] = rl_critic.rewards(args.reward, roll, ps, clip, None)
+        roll["raw"] = rl_critic.evaluation.terminal_rewards(args.reward, roll, ps, clip, None)
         for source in ("x_t", "x0_hat"):
             roll["h_" + source] = rl_critic.state_features(models, clip, roll[source])
         rolls.append(roll)

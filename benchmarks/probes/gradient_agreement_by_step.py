@@ -29,7 +29,7 @@ def batch_gradients(args, models, ps, clip, params, seed: int, step_sets: dict) 
                               args.eta, seed=seed)
     roll["text"] = clip.text_features(roll["prompts"])
     f = roll["is_forget"]
-    raw = rl_critic.rewards(args.reward, roll, ps, clip, None)[f]
+    raw = rl_critic.evaluation.terminal_rewards(args.reward, roll, ps, clip, None)[f]
     adv = (raw - raw.mean()) / raw.std()
     idx = torch.nonzero(f).flatten()
     cond = common.encode_prompts(models, [roll["prompts"][i] for i in idx])
