@@ -30,10 +30,7 @@ import eval as evaluation
 
 
 @dataclass
-class Args:
-    concept: str = common.arg("", "what to forget: a toy concept (circle, striped, ...) or an SD "
-                                  "concept ('Van Gogh', 'church', 'nudity')")
-    model: str = common.arg(common.DEFAULT_MODEL, "'toy', a hub id or a local diffusers folder")
+class Args(common.RunArgs):
     epochs: int = common.arg(None, "passes over the forgetting set", ">=1")
     lr: float = common.arg(None, "Adam learning rate (no weight decay)", ">0")
     anchor_uncond: bool = common.arg(True, "also hold the empty prompt's prediction at the frozen "
@@ -45,18 +42,8 @@ class Args:
                               "self, full: both)", choices=list(common.LORA_LAYERS))
     n_forget: int = common.arg(None, "images in the generated forgetting set", ">=1")
     batch_size: int = common.arg(None, "forget images per step", ">=1")
-    forget_prompts: list[str] = common.arg([], "override the forget prompts (or @file.txt)")
     retain_prompts: list[str] = common.arg([], "override the retain prompts used only by evaluation (or @file.txt)")
     forget_images: str = common.arg(None, "a folder of real forget images instead of generated ones")
-    gradient_checkpointing: bool = common.arg(False, "trade compute for memory in the UNet")
-    mixed_precision: str = common.arg("no", "autocast dtype", choices=["no", "fp16", "bf16"])
-    device: str = common.arg("auto", "auto, cpu or cuda", choices=["auto", "cpu", "cuda"])
-    sample_batch_size: int = common.arg(None, "prompts per sampling batch (default: 64 toy, 8 SD; lower it if sampling runs out of memory)", ">=1")
-    seed: int = common.arg(0, "seed of data generation, training and evaluation", ">=0")
-    n_eval_images: int = common.arg(64, "images per evaluation group in the final report (0: skip)", ">=0")
-    output_dir: str = common.arg(None, "where to save (default outputs/mim_mu-<concept>)")
-    overwrite: bool = common.arg(False, "replace an existing output folder")
-    save_half: bool = common.arg(False, "save the UNet in float16 (SD v1.4: 3.4 GB -> 1.7 GB)")
 
 
 # Where the toy and Stable Diffusion defaults differ. Evidence: docs/methods/mim_mu.md, "Defaults".

@@ -50,10 +50,7 @@ import eval as evaluation
 
 
 @dataclass
-class Args:
-    concept: str = common.arg("", "what to forget: a toy concept (circle, striped, ...) or an SD "
-                                  "concept ('Van Gogh', 'church', 'nudity')")
-    model: str = common.arg(common.DEFAULT_MODEL, "'toy', a hub id or a local diffusers folder")
+class Args(common.RunArgs):
     train: str = common.arg("xattn", "policy parameters (lora: new adapters, --lora-rank, --lora-on)",
                             choices=["xattn", "noxattn", "full", "lora"])
     lora_rank: int = common.arg(4, "--train lora: the adapters' rank r", ">=1")
@@ -88,17 +85,6 @@ class Args:
     warmup_epochs: int = common.arg(20, "critic passes over the reference policy's rollouts before any update", ">=0")
     buffer_iterations: int = common.arg(4, "replay buffer: keep the states of this many recent iterations", ">=1")
     grad_clip: float = common.arg(1.0, "clip the policy's gradient norm to this", ">0")
-    forget_prompts: list[str] = common.arg([], "override the forget prompts (or @file.txt)")
-    retain_prompts: list[str] = common.arg([], "override the retain prompts (or @file.txt)")
-    gradient_checkpointing: bool = common.arg(False, "trade compute for memory in the UNet")
-    mixed_precision: str = common.arg("no", "autocast dtype", choices=["no", "fp16", "bf16"])
-    device: str = common.arg("auto", "auto, cpu or cuda", choices=["auto", "cpu", "cuda"])
-    sample_batch_size: int = common.arg(None, "prompts per sampling batch (default: 64 toy, 8 SD; lower it if sampling runs out of memory)", ">=1")
-    seed: int = common.arg(0, "seed of sampling, training and evaluation", ">=0")
-    n_eval_images: int = common.arg(64, "images per evaluation group in the final report (0: skip)", ">=0")
-    output_dir: str = common.arg(None, "where to save (default outputs/rl_critic-<concept>)")
-    overwrite: bool = common.arg(False, "replace an existing output folder")
-    save_half: bool = common.arg(False, "save the UNet in float16 (SD v1.4: 3.4 GB -> 1.7 GB)")
 
 
 # Where the toy and Stable Diffusion defaults differ. Evidence: docs/methods/rl_critic.md, "Defaults".

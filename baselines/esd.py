@@ -38,10 +38,7 @@ import eval as evaluation  # noqa: E402
 
 
 @dataclass
-class Args:
-    concept: str = common.arg("", "what to forget: a toy concept (circle, striped, ...) or an SD "
-                                  "concept ('Van Gogh', 'church', 'nudity')")
-    model: str = common.arg(common.DEFAULT_MODEL, "'toy', a hub id or a local diffusers folder")
+class Args(common.RunArgs):
     train: str = common.arg(None, "which UNet parameters train: xattn (ESD-x), noxattn (ESD-u) or full; "
                                   "default by the concept's kind: xattn for styles, textures and colours, "
                                   "noxattn for objects, shapes and nudity",
@@ -55,17 +52,7 @@ class Args:
     sample_guidance: float = common.arg(3.0, "guidance of the DDIM trajectories that give x_t", ">=0")
     sample_steps: int = common.arg(None, "DDIM steps of those trajectories (x_t stops at a random one)", ">=1")
     batch_size: int = common.arg(None, "trajectories (prompts) per step", ">=1")
-    forget_prompts: list[str] = common.arg([], "override the forget prompts (or @file.txt)")
     retain_prompts: list[str] = common.arg([], "override the retain prompts used by the evaluation (or @file.txt)")
-    gradient_checkpointing: bool = common.arg(False, "trade compute for memory in the UNet")
-    mixed_precision: str = common.arg("no", "autocast dtype", choices=["no", "fp16", "bf16"])
-    device: str = common.arg("auto", "auto, cpu or cuda", choices=["auto", "cpu", "cuda"])
-    sample_batch_size: int = common.arg(None, "prompts per sampling batch (default: 64 toy, 8 SD; lower it if sampling runs out of memory)", ">=1")
-    seed: int = common.arg(0, "seed of the trajectories, training and evaluation", ">=0")
-    n_eval_images: int = common.arg(64, "images per evaluation group in the final report (0: skip)", ">=0")
-    output_dir: str = common.arg(None, "where to save (default outputs/esd-<concept>)")
-    overwrite: bool = common.arg(False, "replace an existing output folder")
-    save_half: bool = common.arg(False, "save the UNet in float16 (SD v1.4: 3.4 GB -> 1.7 GB)")
 
 
 # Where the toy and Stable Diffusion defaults differ. SD: the paper's and its original code's

@@ -43,10 +43,7 @@ import eval as evaluation  # noqa: E402
 
 
 @dataclass
-class Args:
-    concept: str = common.arg("", "what to forget: a toy concept (circle, striped, ...) or an SD "
-                                  "concept ('Van Gogh', 'church', 'nudity')")
-    model: str = common.arg(common.DEFAULT_MODEL, "'toy', a hub id or a local diffusers folder")
+class Args(common.RunArgs):
     train: str = common.arg(None, "which UNet parameters train: full (the public code's default) or "
                                   "xattn (cross-attention only, its option), or lora (--lora-rank, --lora-on)",
                             choices=["full", "xattn", "lora"])
@@ -63,17 +60,7 @@ class Args:
     forget_images: str = common.arg(None, "a folder of real forget images instead of generated ones")
     end_of_text: bool = common.arg(True, "also re-steer the end-of-text token (--no-end-of-text: the "
                                          "concept's own tokens only)")
-    forget_prompts: list[str] = common.arg([], "override the forget prompts (or @file.txt)")
     retain_prompts: list[str] = common.arg([], "override the retain prompts used by the evaluation (or @file.txt)")
-    gradient_checkpointing: bool = common.arg(False, "trade compute for memory in the UNet")
-    mixed_precision: str = common.arg("no", "autocast dtype", choices=["no", "fp16", "bf16"])
-    device: str = common.arg("auto", "auto, cpu or cuda", choices=["auto", "cpu", "cuda"])
-    sample_batch_size: int = common.arg(None, "prompts per sampling batch (default: 64 toy, 8 SD; lower it if sampling runs out of memory)", ">=1")
-    seed: int = common.arg(0, "seed of the forget images, training and evaluation", ">=0")
-    n_eval_images: int = common.arg(64, "images per evaluation group in the final report (0: skip)", ">=0")
-    output_dir: str = common.arg(None, "where to save (default outputs/fmn-<concept>)")
-    overwrite: bool = common.arg(False, "replace an existing output folder")
-    save_half: bool = common.arg(False, "save the UNet in float16 (SD v1.4: 3.4 GB -> 1.7 GB)")
 
 
 # Where the toy and Stable Diffusion defaults differ. SD: the public code's configuration (the whole
