@@ -71,7 +71,7 @@ SD_DEFAULTS = dict(train="full", steps=35, lr=2e-6, batch_size=1, n_forget=10)
 # more than 10 points of the neighbours (the full UNet soonest), see docs/lab/searches/fmn.md.
 TOY_DEFAULTS = dict(train="xattn", steps=35, lr=1e-4, batch_size=8, n_forget=64)
 # --train lora: LoRA's B starts at zero and few weights train, so a larger step than full weights
-# (toy and SD: the usual tenfold of the full-weight rate, not searched yet; docs/methods/fmn.md "LoRA")
+# (toy: chosen on seed 0, docs/lab/searches/fmn_lora.md; SD: the usual tenfold of the full-weight rate, not measured)
 LORA_LR = dict(toy=1e-3, sd=2e-5)
 
 
