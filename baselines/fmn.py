@@ -110,7 +110,9 @@ class AttentionRecorder:
     """The attention processor of every cross-attention layer (attn2) during training: it computes
     the layer exactly as diffusers' plain AttnProcessor does, and keeps its attention
     probabilities A = softmax(Q K^T / sqrt(d)), of shape (batch * heads, image positions, tokens),
-    in `maps` (one entry per layer, in call order). `maps` is emptied before each forward pass."""
+    in `maps` (one entry per layer, in call order) when the pass builds a graph: the forget set
+    is sampled through the same processor without gradient and keeps nothing (at SD v1.4 size its
+    maps would fill tens of GB). `maps` is emptied before each training pass."""
 
     def __init__(self, original: dict):
         self.maps: list[torch.Tensor] = []
@@ -130,8 +132,9 @@ class AttentionRecorder:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
         query = attn.head_to_batch_dim(attn.to_q(hidden_states))          # (b * heads, pixels, d)
         key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))    # (b * heads, tokens, d)
-        self.maps.append(attn.get_attention_scores(query, key, None).view(
-            len(hidden_states), attn.heads, query.shape[1], key.shape[1]))  # (b, heads, pixels, tokens)
+        if torch.is_grad_enabled():  # a training pass; sampling keeps nothing
+            self.maps.append(attn.get_attention_scores(query, key, None).view(
+                len(hidden_states), attn.heads, query.shape[1], key.shape[1]))  # (b, heads, pixels, tokens)
         return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
 
 

@@ -204,10 +204,13 @@ def test_fmn_records_each_cross_attention_layers_softmax_and_changes_nothing_it_
     with torch.no_grad():
         plain = unet(x_t, t, encoder_hidden_states=c).sample
         recorder = fmn.AttentionRecorder.install(unet)
-        recorded = unet(x_t, t, encoder_hidden_states=c).sample
+        sampled = unet(x_t, t, encoder_hidden_states=c).sample
+    assert recorder.maps == []  # a pass without gradient (sampling the forget set) keeps no map
+    recorded = unet(x_t, t, encoder_hidden_states=c).sample.detach()  # a training pass keeps them
     n_attn2 = sum(".attn2." in name for name in unet.attn_processors)
-    assert torch.allclose(recorded, plain, atol=1e-5) and len(recorder.maps) == n_attn2 > 0
-    for a in recorder.maps:  # (batch, heads, image positions, tokens): a distribution over tokens
+    assert torch.allclose(recorded, plain, atol=1e-5) and torch.equal(sampled, recorded)
+    assert len(recorder.maps) == n_attn2 > 0
+    for a in (m.detach() for m in recorder.maps):  # (batch, heads, image positions, tokens): over tokens
         assert a.shape[0] == 2 and a.shape[-1] == c.shape[1]
         assert torch.allclose(a.sum(-1), torch.ones(a.shape[:-1]), atol=1e-5) and (a >= 0).all()
     recorder.remove(unet)
