@@ -140,3 +140,23 @@ def test_the_gpu_check_replays_memory_records_on_another_model_and_device(tiny_s
         assert str(tmp_path / "runs") in " ".join(run["argv"]) and "/tmp/sdmem" not in " ".join(run["argv"])
     assert runs[0]["cpu_estimate_gib"] == json.loads((ROOT / "benchmarks/records/sd_memory/24gb-vdu.json")
                                                      .read_text())["peak_tensor_gib"]
+
+
+@pytest.mark.slow(40)
+def test_unet_passes_counts_the_passes_of_a_run_at_its_sd_defaults(tiny_sd, tmp_path, capsys, monkeypatch):
+    """FMN at SD defaults draws 10 forget images (50 guided DDIM steps: 100 image-passes each) and
+    trains one image a step; PURE draws 50 forget and 50 retain images, and each burst of 4 forget
+    steps (4 forget and 4 retain images through the trained UNet and the reference) and 1 repair
+    step (4 retain images through each) costs 36 passes of each kind: 7.2 a step."""
+    monkeypatch.setattr(sys, "argv", ["unet_passes.py", "--pipeline", str(tiny_sd), "--methods", "fmn", "pure",
+                                      "--work", str(tmp_path)])
+    spec = importlib.util.spec_from_file_location("probe_unet_passes", PROBES / "unet_passes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main()
+    out = capsys.readouterr().out
+    rows = json.loads(out[out.index("\n{") + 1:])
+    assert rows["fmn"]["fixed"] == {"no_grad": 1000, "grad": 0} and rows["fmn"]["per_step"] == {"no_grad": 0, "grad": 1}
+    assert rows["pure"]["fixed"] == {"no_grad": 10000, "grad": 0}
+    assert rows["pure"]["per_step"] == pytest.approx({"no_grad": 7.2, "grad": 7.2})
+    assert rows["pure"]["at_sd_default"] == {"no_grad": 10720, "grad": 720}
