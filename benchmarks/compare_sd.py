@@ -94,11 +94,17 @@ def of_protocol(records: dict, protocol: str) -> dict:
     return {k: r for k, r in records.items() if k[1] in PROTOCOLS[protocol]}
 
 
-def budget_table(records: dict, seeds: list[int]) -> str:
+def budget_table(records: dict, base: list[dict], seeds: list[int]) -> str:
     """GPU-hours of the full table per method (both protocols' 20 concepts x `seeds`), from the
-    median measured wall time of its recorded runs (training + evaluation, each on one GPU)."""
+    median measured wall time of its recorded runs (training + evaluation, each on one GPU), and
+    of the base model's evaluations (`base`: its records, one per concept and seed)."""
     n_units = sum(len(c) for c in PROTOCOLS.values()) * len(seeds)
     rows = []
+    if base:
+        median = sorted(r["eval_time_s"] for r in base)[len(base) // 2]
+        where = ", ".join(sorted({r.get("hardware", "?") for r in base}))
+        rows.append(["base model (evaluation and noise floor)", str(len(base)), "-", fmt(median / 60),
+                     fmt(median * n_units / 3600), where])
     for name, m in evaluation.METHODS.items():
         recs = [r for (n, _, _), r in records.items() if n == name]
         if not recs:
@@ -112,7 +118,7 @@ def budget_table(records: dict, seeds: list[int]) -> str:
     return evaluation.markdown_table(header, rows)
 
 
-def write_docs(records: dict, docs: Path, seeds: list[int]) -> None:
+def write_docs(records: dict, base: list[dict], docs: Path, seeds: list[int]) -> None:
     """docs/results/sd/: results.md (per protocol: the method table, the trade-off figure), claims.md
     (each claim per protocol, Holm over all of them, the forest figure) and the budget."""
     docs.mkdir(parents=True, exist_ok=True)
@@ -134,7 +140,7 @@ def write_docs(records: dict, docs: Path, seeds: list[int]) -> None:
         tradeoff_figure(recs, docs / f"tradeoff_{protocol}.png", zoom=None)
         seeds_here = sorted({s for (_, _, s) in recs})
         claims += [{**check_claim(recs, c), "seeds": seeds_here, "paper": f"{c[0]} ({protocol})"} for c in CLAIMS]
-    out += ["## Budget", "", budget_table(records, seeds), ""]
+    out += ["## Budget", "", budget_table(records, base, seeds), ""]
     (docs / "results.md").write_text("\n".join(out) + "\n")
     holm(claims)
     lines = ["# The papers' claims on Stable Diffusion", "",
@@ -196,7 +202,8 @@ def main(argv: list[str] | None = None):
             print("records written; after the merge: python benchmarks/compare_sd.py --report-only")
             return
     docs = ROOT / args.docs if not Path(args.docs).is_absolute() else Path(args.docs)
-    write_docs(load_records(records), docs, args.seeds)
+    base = [json.loads(p.read_text()) for p in sorted((records / "base").glob("*.json"))]
+    write_docs(load_records(records), base, docs, args.seeds)
     print(f"wrote {docs / 'results.md'}, {docs / 'claims.md'}")
 
 

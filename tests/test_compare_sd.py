@@ -57,6 +57,7 @@ def test_two_methods_on_tiny_models_become_records_and_a_report(tiny_sd, tmp_pat
     page = (docs / "results.md").read_text()
     assert "## objects" in page and "## styles" in page and "| ESD (baseline) | 1 (1) |" in page
     assert "GPU-hours for 20 runs" in page and (docs / "tradeoff_styles.png").exists()
+    assert "| base model (evaluation and noise floor) | 2 |" in page
     assert "MiM-MU (objects)" in (docs / "claims.md").read_text()
 
 
