@@ -50,6 +50,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -264,7 +265,7 @@ def run_method(name: str, concept: str, seed: int, ev: Evaluator) -> dict | None
     m, eval_time = ev.unlearned(out, concept, seed)
     where = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
     rec = {"method": name, "concept": concept, "seed": seed, "commit": commit(), "n_images": ev.n_images,
-           "command": " ".join(["python", script, "--model", ev.model, "--concept", concept, "--seed", str(seed), *extra]),
+           "command": shlex.join(["python", script, "--model", ev.model, "--concept", concept, "--seed", str(seed), *extra]),
            # what exactly ran (the output folder relative to the repository) and which weights were evaluated
            "argv": [str(where) if c == str(out) else c for c in cmd[1:]], **ev.fields,
            "unet_sha256": unet_sha256(out), "result_mb": round(result_file(out).stat().st_size / 2 ** 20, 3),

@@ -36,7 +36,7 @@ def test_two_methods_on_tiny_models_become_records_and_a_report(tiny_sd, tmp_pat
                     "esd/van-gogh-seed0.json", "mim_mu/church-seed0.json", "mim_mu/van-gogh-seed0.json"]
     rec = json.loads((records / "esd" / "van-gogh-seed0.json").read_text())
     assert rec["model"] == str(tiny_sd) and rec["hardware"].startswith("CPU")
-    assert rec["command"].endswith("--concept Van Gogh --seed 0 --steps 2 --sample-steps 3")
+    assert rec["command"].endswith("--concept 'Van Gogh' --seed 0 --steps 2 --sample-steps 3")  # runnable as is
     assert rec["args"]["steps"] == 2 and rec["n_images"] == 4
     base = json.loads((records / "base" / "van-gogh-seed0.json").read_text())
     assert rec["base"] == base["metrics"]  # every method is compared with the one base evaluation
