@@ -142,8 +142,8 @@ def setup(args: Args):
     return models, ps, unet_ref, params, clip, critic
 
 
-# --- Data: rollouts ---
-# The method's data are its own rollouts: trajectories the current policy samples.
+# --- Data ---
+# The method's data are its own rollouts: trajectories the current policy samples (one iteration's).
 
 def sample_trajectories(models: common.Models, prompts: list[str], seeds: list[int], steps: int,
                         guidance_scale: float, eta: float) -> dict:
