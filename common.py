@@ -1105,6 +1105,17 @@ def fill_defaults(args, defaults: dict, lora_lr: float | None = None) -> None:
             setattr(args, key, value)
 
 
+def parse_run_args(cls, argv: list[str] | None, toy_defaults: dict, sd_defaults: dict,
+                   lora_lr: dict | None = None):
+    """A training script's command line: parsed, the toy or the SD column of defaults filled in (by
+    the base model, so a saved run continues with its base's column), every number checked."""
+    args = parse_args(cls, argv)
+    column = "toy" if base_model_name(args.model) == "toy" else "sd"
+    fill_defaults(args, toy_defaults if column == "toy" else sd_defaults, (lora_lr or {}).get(column))
+    check_ranges(args)
+    return args
+
+
 # The ranges a numeric argument can declare (`arg(..., check=...)`): the test, and the range in words.
 RANGES = {
     ">=0": (lambda v: v >= 0, "at least 0"),

@@ -56,11 +56,7 @@ LORA_LR = dict(toy=1e-3, sd=1e-4)
 
 def parse_args(argv: list[str] | None = None) -> Args:
     """The command line, with the toy or the SD column filled in and every number checked."""
-    args = common.parse_args(Args, argv)
-    toy = common.base_model_name(args.model) == "toy"
-    common.fill_defaults(args, TOY_DEFAULTS if toy else SD_DEFAULTS, LORA_LR["toy" if toy else "sd"])
-    common.check_ranges(args)
-    return args
+    return common.parse_run_args(Args, argv, TOY_DEFAULTS, SD_DEFAULTS, LORA_LR)
 
 
 # --- Setup ---

@@ -113,11 +113,7 @@ ROLLOUT_SEED_STRIDE = 100_000
 
 def parse_args(argv: list[str] | None = None) -> Args:
     """The command line, with the toy or the SD column filled in and every number checked."""
-    args = common.parse_args(Args, argv)
-    toy = common.base_model_name(args.model) == "toy"
-    common.fill_defaults(args, TOY_DEFAULTS if toy else SD_DEFAULTS, LORA_LR["toy" if toy else "sd"])
-    common.check_ranges(args)
-    return args
+    return common.parse_run_args(Args, argv, TOY_DEFAULTS, SD_DEFAULTS, LORA_LR)
 
 
 # --- Setup ---
@@ -219,22 +215,22 @@ def state_features(models: common.Models, clip, states: torch.Tensor) -> torch.T
     return torch.cat(feats).view(n, T, -1)
 
 
-def critic_inputs(buffer: list, device):
-    """Every stored state as (features h, timestep t, text embedding, terminal reward r)."""
-    h = torch.cat([b["h"] for b in buffer]).flatten(0, 1)
-    t = torch.cat([b["t"].expand(len(b["h"]), -1) for b in buffer]).flatten()
-    text = torch.cat([b["text"][:, None].expand(-1, b["h"].shape[1], -1) for b in buffer]).flatten(0, 1)
-    target = torch.cat([b["r"][:, None].expand(-1, b["h"].shape[1]) for b in buffer]).flatten()
-    return h.to(device), t.to(device), text.to(device), target.to(device)
+def critic_rows(h: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor, r: torch.Tensor | None = None):
+    """A rollout's (n, T) states as one row per state, in sampling order: the features h, the
+    timestep t, the prompt's text embedding (and the trajectory's terminal reward, the target)."""
+    n, T = h.shape[:2]
+    rows = (h.flatten(0, 1), timesteps.repeat(n), text.repeat_interleave(T, 0))
+    return rows if r is None else (*rows, r.repeat_interleave(T))
 
 
 def fit_critic(critic, opt, buffer: list, epochs: int, generator: torch.Generator, device) -> float:
-    """Monte-Carlo regression of V_phi on the terminal rewards, over every stored state.
-    Returns the validation MSE: on the newest rollout, measured BEFORE fitting on it."""
+    """Monte-Carlo regression of V_phi on the terminal rewards, over every stored state (`buffer`:
+    critic_rows of recent rollouts). Returns the validation MSE: on the newest rollout, measured
+    BEFORE fitting on it."""
     with torch.no_grad():
-        h, t, text, target = critic_inputs(buffer[-1:], device)
+        h, t, text, target = (x.to(device) for x in buffer[-1])
         val_mse = F.mse_loss(critic(h, t, text), target).item()
-    h, t, text, target = critic_inputs(buffer, device)
+    h, t, text, target = (torch.cat(column).to(device) for column in zip(*buffer))
     for _ in range(epochs):
         for idx in torch.randperm(len(h), generator=generator).split(256):
             loss = F.mse_loss(critic(h[idx], t[idx], text[idx]), target[idx])
@@ -247,9 +243,7 @@ def fit_critic(critic, opt, buffer: list, epochs: int, generator: torch.Generato
 @torch.no_grad()
 def critic_values(critic, h: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor, device) -> torch.Tensor:
     """V_phi(s_t) of every state of a rollout: (n, T), in sampling order (noisiest first)."""
-    n, T = h.shape[:2]
-    return critic(h.flatten(0, 1).to(device), timesteps.repeat(n).to(device),
-                  text.repeat_interleave(T, 0).to(device)).view(n, T).cpu()
+    return critic(*(x.to(device) for x in critic_rows(h, timesteps, text))).view(h.shape[:2]).cpu()
 
 
 # --- Loss ---
@@ -460,7 +454,7 @@ def train(args: Args, models: common.Models, ps: common.PromptSet, unet_ref, par
             # V(s_t) from the critic before it is refitted on this rollout: a baseline that has seen
             # the returns it is subtracted from shrinks the advantages toward 0 (it 0 has no update)
             values = critic_values(critic, h, roll["timesteps"], roll["text"], models.device) if it > 0 else None
-            buffer = (buffer + [dict(h=h, t=roll["timesteps"][None], text=roll["text"], r=r)])[-args.buffer_iterations:]
+            buffer = (buffer + [critic_rows(h, roll["timesteps"], roll["text"], r)])[-args.buffer_iterations:]
             # validation MSE of the critic (on this rollout, before fitting) vs the reward's variance
             critic_mse = fit_critic(critic, critic_opt, buffer,
                                     args.warmup_epochs if it == 0 else args.critic_epochs, g, models.device)
