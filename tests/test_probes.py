@@ -101,7 +101,7 @@ def test_guidance_branch_damage_evaluates_the_four_branch_pairs(probe, toy_run, 
 
 @pytest.mark.slow(31)
 def test_critic_input_ablation_fits_the_three_critics(probe, capsys):
-    # rl_critic.parse_args, setup, rollouts, rewards, state_features, Critic, fit_critic, critic_inputs
+    # rl_critic.parse_args, setup, rollouts, rewards, state_features, Critic, critic_rows, fit_critic
     probe("critic_input_ablation", "--train-rollouts", "1", "--epochs", "1")
     rows = table_rows(capsys.readouterr().out)
     assert [r[0] for r in rows] == ["x_t + FiLM (default)", "x_t, no FiLM (--no-timestep)",

@@ -62,10 +62,10 @@ def main():
         dim = clip.model.config.projection_dim
         critic = rl_critic.Critic(dim, dim, film=film)
         opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)
-        buf = [dict(h=r["h_" + source], t=r["timesteps"][None], text=r["text"], r=r["r"]) for r in rolls]
+        buf = [rl_critic.critic_rows(r["h_" + source], r["timesteps"], r["text"], r["r"]) for r in rolls]
         rl_critic.fit_critic(critic, opt, buf[:-1], a.epochs, torch.Generator().manual_seed(a.seed), "cpu")
         with torch.no_grad():
-            h, t, text, target = rl_critic.critic_inputs(buf[-1:], "cpu")
+            h, t, text, target = buf[-1]
             err = ((critic(h, t, text) - target) ** 2).view(-1, T)
         rows.append((name, err.mean().item(), *[err[:, list(k)].mean().item() for k in thirds]))
     n_train = a.train_rollouts * args.samples_per_iteration
