@@ -77,11 +77,9 @@ LORA_LR = dict(toy=1e-3, sd=2e-5)
 
 def parse_args(argv: list[str] | None = None) -> Args:
     """The command line, with the toy or the SD column filled in and every number checked."""
-    args = common.parse_args(Args, argv)
+    args = common.parse_run_args(Args, argv, TOY_DEFAULTS, SD_DEFAULTS, LORA_LR)
     toy = common.base_model_name(args.model) == "toy"
-    common.fill_defaults(args, TOY_DEFAULTS if toy else SD_DEFAULTS, LORA_LR["toy" if toy else "sd"])
     args.lora_on = args.lora_on or (TOY_DEFAULTS if toy else SD_DEFAULTS)["train"]  # the layers it would train
-    common.check_ranges(args)
     return args
 
 
