@@ -644,6 +644,15 @@ class LossScaler(torch.amp.GradScaler):
             LossScaler.skipped += 1
 
 
+def clipped_step(opt, scaler, params, max_norm: float) -> None:
+    """One optimiser step on the accumulated gradients, their norm clipped to `max_norm` first
+    (after the fp16 loss scaling is undone: a no-op otherwise)."""
+    scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    scaler.step(opt)
+    scaler.update()
+
+
 def check_finite(step: int, **losses: torch.Tensor) -> None:
     """Stop the run (saving nothing) as soon as a loss is NaN or infinite."""
     for name, value in losses.items():

@@ -169,10 +169,7 @@ def train(args: Args, models: common.Models, unet_ref, params, data: dict) -> No
         common.check_finite(step, loss=total)
         opt.zero_grad(set_to_none=True)
         scaler.scale(total).backward()
-        scaler.unscale_(opt)  # fp16 loss scaling undone before clipping (a no-op otherwise)
-        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        scaler.step(opt)
-        scaler.update()
+        common.clipped_step(opt, scaler, params, args.grad_clip)
         shown.update({k: v.item() for k, v in terms.items()})
         common.show(bar, shown)
 

@@ -416,10 +416,7 @@ def policy_update(args: Args, models: common.Models, unet_ref, params, opt, roll
             if (j + 1) % k_acc and j + 1 < len(minibatches):
                 continue  # gradients still accumulating
             n_updates += 1
-            scaler.unscale_(opt)  # fp16 loss scaling undone before clipping (a no-op otherwise)
-            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-            scaler.step(opt)
-            scaler.update()
+            common.clipped_step(opt, scaler, params, args.grad_clip)
     return stats
 
 
