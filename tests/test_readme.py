@@ -50,6 +50,37 @@ def test_the_bars_the_readme_states_are_the_tables_the_tests_and_the_benchmark_u
             f"{100 * common['retain_in_drop']:.0f} points below the base") in readme
 
 
+def markdown_table(text: str, heading: str) -> dict[str, list[str]]:
+    """The table under the first heading that starts with `heading`: method -> its cells."""
+    lines = text[text.index(heading):].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_the_readme_table_is_the_headline_of_the_benchmark_report():
+    # README: method | UA | drop | worst drop | cross drop | KID-CLIP | ASR | common bar, copied from
+    # docs/results/results.md, whose headline table comes first; ASR from the development seeds
+    readme = (ROOT / "README.md").read_text()
+    results = (ROOT / "docs" / "results" / "results.md").read_text()
+    headline = markdown_table(results, "## Per method (")
+    dev = markdown_table(results, "## Per method (development seeds 0-2")
+    mean = lambda cell: cell.split(" [")[0]
+    table = markdown_table(readme, "| method | UA (%)")
+    labels = [m["label"] for m in evaluation.METHODS.values()]
+    assert list(table) == labels
+    for name in labels:
+        r, d = headline[name], dev[name]
+        assert table[name] == [r[1], r[3], mean(r[4]), mean(r[5]), mean(r[8]), mean(d[12]), r[14]], name
+    seeds = results[results.index("## Per method (") + 15:].split(")")[0].split(",")[0].split()[-1]
+    assert f"10 concepts x seeds {seeds}" in " ".join(readme.split()), seeds  # e.g. "3-5"
+
+
 def test_the_readme_is_a_ten_minute_read_and_points_nowhere_outside_the_repository():
     text = (ROOT / "README.md").read_text()
     assert len(text.split()) <= 1800, len(text.split())  # words, as `wc -w` counts them
