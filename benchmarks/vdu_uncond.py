@@ -14,7 +14,9 @@ Each run is `python vdu.py --model toy-uncond --concept <shape> --seed <s> <vari
 own report (512 unconditional samples of the base and of the unlearned model, judged; FD-CLIP and
 KID-CLIP against 512 base samples on other seeds, whose base-against-base figure is the noise).
 It leaves benchmarks/records/vdu_uncond/<variant>/<shape>-seed<s>.json (the metrics, the arguments,
-the command, the commit, the times), committed; a run whose record exists is not redone.
+the command, the commit, the times), committed; a run whose record exists is not redone. A run that
+vdu.py stops and saves nothing from (exit status 2: the forget loss ran away) is a result too: its
+record holds the command and the message under "failed", and the page lists it.
 
 The bar (eval.CLASS_BAR, by analogy with the paper's class unlearning): the class's share at most
 a tenth of its base share, no other shape losing more than a quarter of its share, FD-CLIP within
@@ -60,7 +62,12 @@ def run(variant: str, shape: str, seed: int) -> dict | None:
         r = subprocess.run([sys.executable, "vdu.py", *args, "--output-dir", str(out), "--overwrite"], cwd=ROOT,
                            stdout=f, stderr=subprocess.STDOUT)
     if r.returncode != 0:
+        errors = [line for line in log.read_text().splitlines() if line.startswith("error: ")]
         print(f"  {variant} {shape} seed {seed}: FAILED, see {log}")
+        if r.returncode == 2 and errors:  # vdu.py refused to save (its divergence stop): a result, recorded
+            write_json(RECORDS / variant / f"{shape}-seed{seed}.json",
+                       {"variant": variant, "concept": shape, "seed": seed, "commit": commit(),
+                        "command": " ".join(["python", "vdu.py", *args]), "failed": errors[-1][len("error: "):]})
         return None
     metrics = json.loads((out / "metrics.json").read_text())
     run_json = json.loads((out / "run.json").read_text())
@@ -123,6 +130,8 @@ def report(records: dict, seeds: list[int]) -> str:
              "noise. Bar: the class at most a tenth of its base share, no other shape losing more than a "
              "quarter of its share, FD-CLIP within the noise. Means with 95% t-intervals over the shapes (each "
              "shape's seeds averaged first: they are not independent units).", ""]
+    failed = {k: r for k, r in records.items() if "failed" in r}
+    records = {k: r for k, r in records.items() if k not in failed}
     base = [r["metrics"]["base"]["share"] for (v, _, _), r in records.items() if v == "default"]
     if base:
         lines += ["### The base model's classes", "",
@@ -155,6 +164,9 @@ def report(records: dict, seeds: list[int]) -> str:
          "FD-CLIP minus noise", "bar met", "wall time (s): median [min, max]"], rows), "",
               "Wall times are of a machine shared with other jobs: a run that was paused or crowded by another "
               "job shows in the maximum, not in the median.", ""]
+    if failed:
+        lines += ["Runs that vdu.py stopped, saving nothing (not in the counts above; every such run is listed):", ""]
+        lines += [f"- `{v}` {c} seed {s}: {r['failed']}" for (v, c, s), r in sorted(failed.items())] + [""]
     lines += ["### Per shape (class share before -> after, %, one entry per seed)", ""]
     shape_rows = []
     for v in VARIANTS:

@@ -300,3 +300,14 @@ def test_the_held_out_seeds_judge_a_claim_only_once_both_sides_have_all_their_un
     assert compare_toy.claims_records(recs, claim)[1] == compare_toy.TEST_SEEDS
     del recs[("esd", "circle", 5)]  # one unit missing: the development seeds still judge it
     assert compare_toy.claims_records(recs, claim)[1] == compare_toy.SEEDS
+
+
+def test_a_vdu_class_run_that_ran_away_is_listed_and_left_out_of_the_counts():
+    import vdu_uncond
+    rec = json.loads((vdu_uncond.RECORDS / "default" / "circle-seed3.json").read_text())
+    ran_away = {"variant": "no_stability", "concept": "square", "seed": 3, "commit": "abc",
+                "command": "python vdu.py --gamma 0", "failed": "the forget loss A ran away at step 181"}
+    page = vdu_uncond.report({("default", "circle", 3): rec, ("no_stability", "square", 3): ran_away}, [3])
+    assert "- `no_stability` square seed 3: the forget loss A ran away at step 181" in page
+    assert "| `no_stability`: gradient ascent with the same bound, no stability term (gamma 0) | 0 |" in page
+    assert "| `default`: VDU's toy defaults (Fisher precision, gamma 0.35, bound 3) | 1 (1) |" in page
