@@ -491,6 +491,9 @@ CLAIMS = [
      "rl_critic_terminal", +1, "abstract (sparse end-of-trajectory rewards give high-variance updates)"),
     ("CGRU", "ablation: a per-step critic keeps more than a terminal reward alone (in-domain retain drop)",
      "retain_in_drop", "rl_critic", "rl_critic_terminal", -1, "our reading of the abstract"),
+    ("CGRU", "ablation: a per-step critic is steadier than a terminal reward alone (the standard deviation "
+     "of UA over a concept's seeds)", "ua_spread", "rl_critic", "rl_critic_terminal", -1,
+     "abstract (sparse end-of-trajectory rewards give high-variance updates)"),
     ("CGRU", "ablation: the critic needs the noisy state (UA above an x0_hat critic's)", "ua", "rl_critic",
      "rl_critic_x0_hat", +1, "abstract (its ablation: rewards on noisy states are key)"),
     ("CGRU", "our ablation: the critic needs the timestep (UA above a time-blind critic, no FiLM)", "ua", "rl_critic",
@@ -540,12 +543,26 @@ def check_claim(records: dict, claim, level: float = 1 - ALPHA) -> dict:
             margin = 5.0 * direction if metric.endswith("_comparable") else 0.0
             out[u] = claim_value(records[(method, *u)], metric) - other + margin
         return out
+    n_concepts = len({c for c, _ in units})
+    if metric.endswith("_spread"):  # per concept: the spread of its seeds' values, one side's minus the other's
+        def spread(name, concept):
+            return float(np.std([claim_value(records[(name, *u)], metric.removesuffix("_spread"))
+                                 for u in units if u[0] == concept], ddof=1))
+        means = [spread(method, c) - spread(against, c) for c in sorted({c for c, _ in units})
+                 if sum(u[0] == c for u in units) >= 2]
+        return finish(paper, text, metric, against, source, direction, means, units, level, n_concepts)
     every = diffs(units)
     if both_forget:
         units = [u for u in units if all(records[(n, *u)]["unlearned"]["ua"] >= evaluation.BAR_UA for n in sides)]
     means = concept_means(diffs(units))
+    return finish(paper, text, metric, against, source, direction, means, units, level, n_concepts, both_forget,
+                  concept_interval(every) if both_forget else None)
+
+
+def finish(paper, text, metric, against, source, direction, means: list[float], units: list, level: float,
+           n_concepts: int, both_forget: bool = False, unmatched=None) -> dict:
+    """A claim's interval, p-value and unadjusted verdict from its per-concept differences `means`."""
     mean, low, high = interval(means, level)
-    n_concepts = len({c for c, _ in every})
     if n_concepts < 2:
         verdict = "not measured yet"
     elif both_forget and len(means) < MIN_FORGOTTEN_CONCEPTS:
@@ -560,7 +577,7 @@ def check_claim(records: dict, claim, level: float = 1 - ALPHA) -> dict:
             "high": high, "p": p_value(means), "verdict": verdict, "against": against, "metric": metric,
             "source": source, "direction": direction, "means": means, "both_forget": both_forget,
             # a quality claim over every paired unit, forgotten or not: shown beside, never a verdict
-            "unmatched": concept_interval(every) if both_forget else None}
+            "unmatched": unmatched}
 
 
 def holm(results: list[dict], alpha: float = ALPHA) -> list[dict]:

@@ -71,6 +71,20 @@ def test_a_claim_holds_fails_or_is_inconclusive_by_its_paired_interval():
     assert kid["verdict"].startswith("not testable") and kid["unmatched"] is not None
 
 
+def test_a_steadiness_claim_compares_each_concepts_spread_over_its_seeds():
+    recs = {}
+    for i, c in enumerate(("circle", "square", "triangle", "cross")):
+        for s in (3, 4, 5):  # the critic's UA moves 1 point between seeds, the terminal reward's 20
+            recs[("rl_critic", c, s)] = _record("rl_critic", c, s, ua=0.90 + 0.01 * s + 0.001 * i, retain_in=0.9)
+            recs[("rl_critic_terminal", c, s)] = _record("rl_critic_terminal", c, s, ua=0.40 + 0.2 * (s - 3) - 0.01 * i,
+                                                         retain_in=0.9)
+    claim = compare_toy.check_claim(recs, ("CGRU", "", "ua_spread", "rl_critic", "rl_critic_terminal", -1))
+    assert claim["n"] == 4 and claim["mean"] == pytest.approx(1.0 - 20.0) and claim["verdict"] == "holds"
+    # the other way round, the claim fails
+    assert compare_toy.check_claim(recs, ("CGRU", "", "ua_spread", "rl_critic_terminal", "rl_critic", -1))[
+        "verdict"] == "fails"
+
+
 def test_comparable_means_within_5_points_on_the_claimed_side_and_lora_stands_beside_full_weights():
     recs = {}
     for i, (c, s) in enumerate([(c, s) for c in ("circle", "square", "triangle", "ring") for s in (0, 1)]):
