@@ -87,12 +87,9 @@ class Args(common.RunArgs):
     grad_clip: float = common.arg(1.0, "clip the policy's gradient norm to this", ">0")
 
 
-# Where the toy and Stable Diffusion defaults differ. Evidence: docs/methods/rl_critic.md, "Defaults".
-# untested on SD. lr: DDPO's 3e-4 is for rank-4 LoRA adapters; full cross-attention matrices get
-# the rate PURE and MiM-MU use for them on SD.
-# grad_accumulation: DDPO's granularity, a few Adam steps per iteration (each over many trajectories'
-# steps), not one per minibatch of 8 pairs (64 x 50 pairs / 8 = 400 steps): 200 minibatches per step
-# make 2 steps per iteration.
+# Where the toy and Stable Diffusion defaults differ (evidence: docs/methods/rl_critic.md, "Defaults").
+# SD, untested: DDPO's, but the rate PURE and MiM-MU use for full cross-attention matrices (DDPO's 3e-4
+# is for LoRA), and DDPO's few Adam steps per iteration: 64 x 50 pairs / 8 a minibatch / 200 = 2.
 SD_DEFAULTS = dict(iterations=100, samples_per_iteration=64, sample_steps=50, guidance_scale=5.0,
                    lr=1e-5, minibatch=8, grad_accumulation=200, clip_range=1e-4, train_steps=1.0,
                    kl_weight=0.0, clip_model="openai/clip-vit-base-patch32")
@@ -103,8 +100,8 @@ TOY_DEFAULTS = dict(iterations=60, samples_per_iteration=32, sample_steps=10, gu
                     lr=1e-3, minibatch=64, grad_accumulation=1, clip_range=1e-4, train_steps=0.5,
                     kl_weight=0.3)
 
-# --train lora: LoRA's B starts at zero and few weights train, so a larger step than full weights
-# (toy and SD: the usual tenfold of the full-weight rate, not searched yet; docs/methods/rl_critic.md "LoRA")
+# --train lora: LoRA's B starts at zero and few weights train, so a larger step than full weights:
+# tenfold (toy: searched on seed 0, docs/lab/searches/rl_critic_lora.md; SD: untested)
 LORA_LR = dict(toy=1e-2, sd=1e-4)
 
 # Iteration k of a run with --seed s draws its prompts and image seeds from generator s * 100_000 + k.
@@ -373,23 +370,17 @@ def loss(unet, unet_ref, models: common.Models, mb: dict, guidance_scale: float,
 
 # --- Training ---
 
-def replayed(replay: list) -> tuple[dict, torch.Tensor]:
-    """The trajectories the policy trains on, concatenated: this iteration's and the replayed ones
-    (each with the behaviour log-probs and advantages stored when it was sampled)."""
-    keys = ("x_t", "x_prev", "log_probs", "is_forget")
-    roll = {k: torch.cat([r[k] for r in replay]) for k in keys}
-    roll["prompts"] = [p for r in replay for p in r["prompts"]]
-    roll["timesteps"] = replay[-1]["timesteps"]  # the same DDIM steps in every iteration
-    return roll, torch.cat([r["adv"] for r in replay])
-
-
-def policy_update(args: Args, models: common.Models, unet_ref, params, opt, roll: dict, adv: torch.Tensor,
+def policy_update(args: Args, models: common.Models, unet_ref, params, opt, replay: list[dict],
                   generator: torch.Generator, scaler=None) -> dict:
-    """PPO epochs over the (state, action) pairs of `roll` (this iteration's trajectories and any
-    replayed ones) on the noisiest steps, re-scoring the stored actions under theta against the
-    stored behaviour log-probs. `scaler`: the run's fp16 loss scaler, kept across iterations."""
+    """PPO epochs over the (state, action) pairs of `replay` (this iteration's trajectories and any
+    replayed ones, each with the behaviour log-probs and advantages stored when it was sampled) on
+    the noisiest steps, re-scoring the stored actions under theta against the stored log-probs.
+    `scaler`: the run's fp16 loss scaler, kept across iterations."""
     unet = models.unet.train()
     scaler = scaler or common.loss_scaler(args.mixed_precision, models.device)
+    roll = {k: torch.cat([r[k] for r in replay]) for k in ("x_t", "x_prev", "log_probs", "is_forget", "adv")}
+    roll["prompts"] = [p for r in replay for p in r["prompts"]]
+    roll["timesteps"], adv = replay[-1]["timesteps"], roll["adv"]  # the same DDIM steps in every iteration
     n, T = adv.shape
     pairs = torch.cartesian_prod(torch.arange(n), torch.arange(trained_steps(T, args.train_steps)))
     cond = common.encode_prompts(models, roll["prompts"])
@@ -464,7 +455,7 @@ def train(args: Args, models: common.Models, ps: common.PromptSet, unet_ref, par
         # advantages; replayed ones keep the advantages computed when they were sampled
         keep = ("prompts", "is_forget", "x_t", "x_prev", "log_probs", "timesteps")
         replay = (replay + [{**{k: roll[k] for k in keep}, "adv": adv}])[-(args.reuse_iterations + 1):]
-        stats = policy_update(args, models, unet_ref, params, opt, *replayed(replay), g, scaler)
+        stats = policy_update(args, models, unet_ref, params, opt, replay, g, scaler)
         log = {"r_forget": raw[f].mean().item(), "r_retain": raw[~f].mean().item(),
                **({} if terminal else {"critic_mse": critic_mse}), "reward_var": reward_var, **stats}
         common.show(bar, log)

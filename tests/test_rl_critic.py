@@ -79,14 +79,14 @@ def test_ppo_trains_only_the_noisiest_share_of_each_trajectory(toy_models):
     # advantages only on the two least noisy of 4 steps: nothing trains on them, nothing moves
     adv = torch.zeros(2, 4)
     adv[:, 2:] = 3.0
-    rl_critic.policy_update(args, models, None, params, torch.optim.Adam(params, lr=1e-2), roll, adv,
-                            torch.Generator().manual_seed(0))
+    rl_critic.policy_update(args, models, None, params, torch.optim.Adam(params, lr=1e-2),
+                            [dict(roll, adv=adv)], torch.Generator().manual_seed(0))
     assert not moved()
     # an advantage on the second noisiest step alone does move theta
     adv = torch.zeros(2, 4)
     adv[:, 1] = 3.0
-    rl_critic.policy_update(args, models, None, params, torch.optim.Adam(params, lr=1e-2), roll, adv,
-                            torch.Generator().manual_seed(0))
+    rl_critic.policy_update(args, models, None, params, torch.optim.Adam(params, lr=1e-2),
+                            [dict(roll, adv=adv)], torch.Generator().manual_seed(0))
     assert moved()
 
 
@@ -109,8 +109,8 @@ def test_kl_holds_the_retain_prompts_and_the_unconditional_branch_but_not_the_fo
 
     def update(is_forget):
         roll = dict(prompts=["a circle", "a red square"], is_forget=torch.tensor(is_forget), **s)
-        return rl_critic.policy_update(args, models, unet_ref, params, torch.optim.SGD(params, lr=1e-4), roll,
-                                       adv, torch.Generator().manual_seed(0))
+        return rl_critic.policy_update(args, models, unet_ref, params, torch.optim.SGD(params, lr=1e-4),
+                                       [dict(roll, adv=adv)], torch.Generator().manual_seed(0))
 
     start = distance()
     stats = update([True, True])  # forget prompts only: the policy's KL is off, the unconditional one on
@@ -290,8 +290,10 @@ def test_replayed_trajectories_keep_their_stored_behaviour_log_probs_up_to_the_a
     calls = []
     _tiny_train(toy_models, monkeypatch, calls, reuse=1)
     updates = [a for name, a in calls if name == "policy_update"]
-    rolls = [u[5] for u in updates]          # policy_update(args, models, unet_ref, params, opt, roll, adv, ...)
-    advs = [u[6] for u in updates]
+    # policy_update(args, models, unet_ref, params, opt, replay, ...): the replayed iterations, oldest first
+    rolls = [{k: (torch.cat([r[k] for r in u[5]]) if k != "prompts" else sum((r[k] for r in u[5]), []))
+              for k in ("prompts", "log_probs", "adv")} for u in updates]
+    advs = [r["adv"] for r in rolls]
     assert [len(r["prompts"]) for r in rolls] == [4, 8, 8]    # itself, then itself + one replayed iteration
     # iteration 2 replays iteration 1's trajectories with the log-probs and advantages stored at
     # sampling time (the policy has moved since: recomputing them would give other numbers)
@@ -315,7 +317,8 @@ def test_accumulated_minibatches_make_one_adam_step_on_their_mean_gradient(toy_m
                                      "--clip-range", "0.2", "--guidance-scale", "1"])
         opt = torch.optim.SGD(params, lr=1.0)
         before = [p.detach().clone() for p in params]
-        rl_critic.policy_update(args, models, None, params, opt, roll, adv, torch.Generator().manual_seed(0))
+        rl_critic.policy_update(args, models, None, params, opt, [dict(roll, adv=adv)],
+                                torch.Generator().manual_seed(0))
         grads[k_acc] = torch.cat([(b - p.detach()).flatten() for p, b in zip(params, before)])
     # SGD with lr 1: one step of the mean gradient either way (gradient clipping at norm 1 included)
     assert grads[1].abs().max() > 0
