@@ -984,8 +984,8 @@ def lora_section(records: dict) -> list[str]:
                   for c in claims if c["verdict"] != "not measured yet"]
     return ["## LoRA adapters beside full weights (development seeds)", "",
             "`--train lora`: peft adapters of rank 4 on the attention layers each method trains, at its own "
-            "toy learning rate (PURE's and MiM-MU's chosen on seed 0 over the 10 concepts, the others' tenfold "
-            "their full-weight rate, not searched; SalUn and VDU refuse LoRA). Each pair of rows is measured "
+            "toy learning rate, chosen on seed 0 over the 10 concepts (the searches: docs/lab/searches/; SalUn "
+            "and VDU refuse LoRA). Each pair of rows is measured "
             "on the same (concept, seed) units; wall time per run in seconds, result size in MB (a full-weight "
             "result is the whole toy UNet in float32). Wall times are those the records name, from different "
             "sessions and loads of the machine: compare them as a rough ratio only. Intervals over concepts, "
@@ -1125,7 +1125,10 @@ def write_claims(records: dict, docs: Path) -> None:
     out += [claims_table(claims)]
     out += ["", "Variants (`python benchmarks/compare_toy.py --methods <variant>`): " + "; ".join(
         f"`{v}` = {label(v)}" for v in VARIANTS) + ". A claim on a variant reads \"not measured yet\" until "
-        "its runs are recorded."]
+        "its runs are recorded.", "", "MiM-MU's claims about several concepts and sequences (no resurgence, no "
+        "degradation of unrelated concepts, unlike SalUn) are checked on their own units by "
+        "`benchmarks/compare_multi.py`: " + ("[multi.md](multi.md)." if (docs / "multi.md").exists() else
+                                             "no run of it is recorded yet.")]
     (docs / "claims.md").write_text("\n".join(out) + "\n")
     forest_figure(claims, docs / "forest.png")
 
