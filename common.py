@@ -176,103 +176,6 @@ def load_models(model: str, device: torch.device, dtype: torch.dtype = torch.flo
     return models
 
 
-def saved_run(model: str) -> dict | None:
-    """The run.json of a saved run folder given as --model (unet/ and run.json, no pipeline of its
-    own: the run continues from it), else None."""
-    folder = Path(model)
-    has_result = (folder / "unet").is_dir() or (folder / LORA_FILE).exists()
-    if (folder / "run.json").exists() and has_result and not (folder / "model_index.json").exists():
-        return json.loads((folder / "run.json").read_text())
-    return None
-
-
-def load_run_unet(folder: str | Path, device: torch.device | str = "cpu"):
-    """The UNet a saved run leaves: its unet/, or for a LoRA run the UNet it started from (the base
-    model, or the earlier run it continued) with its adapters merged into the weights."""
-    folder = Path(folder)
-    if (folder / "unet").is_dir():
-        return load_unet(folder / "unet", device)
-    start = json.loads((folder / "run.json").read_text())["args"]["model"]
-    unet = load_run_unet(start, device) if saved_run(start) else load_unet(resolve_model(start)[0], device)
-    unet.load_lora_adapter(str(folder), prefix="unet", weight_name=LORA_FILE)
-    unet.fuse_lora()
-    unet.unload_lora()  # a plain UNet again: W + B A in its weights
-    return unet.eval()
-
-
-def base_model_name(model: str) -> str:
-    """The base model behind --model, as a method's defaults see it: a saved run folder stands for
-    the base model its run.json names ('toy', a hub id, a folder); any other name is itself."""
-    run = saved_run(model)
-    return run["base_model"] if run else model
-
-
-# Pipeline families (model_index.json's class name starts with the key) the methods here cannot
-# train, refused in one sentence before any weight loads; SDXL's text-to-image pipeline is not.
-SDXL_PIPELINE = "StableDiffusionXLPipeline"
-REFUSED_PIPELINES = {
-    "StableDiffusionXL": "of SDXL's pipelines only the text-to-image one (StableDiffusionXLPipeline) is "
-                                 "supported: the refiner and the image-conditioned ones condition the UNet otherwise",
-    "StableDiffusion3": "SD3 is a flow-matching transformer (MMDiT), not a UNet sampled with DDIM, "
-                                "which every method here is written for",
-    "Flux": "FLUX is a flow-matching transformer, not a UNet sampled with DDIM, which every method "
-                    "here is written for",
-}
-
-
-def model_index(path: str) -> dict:
-    """A diffusers folder's or hub id's model_index.json ({} if unknown: offline, not a hub id; the
-    loading then says so in its own words)."""
-    index = Path(path) / "model_index.json"
-    try:
-        if not index.exists():
-            from huggingface_hub import hf_hub_download
-            index = Path(hf_hub_download(path, "model_index.json"))
-        return json.loads(index.read_text())
-    except Exception:
-        return {}
-
-
-def pipeline_class(path: str) -> str | None:
-    """The pipeline class a diffusers folder or hub id declares (model_index.json), None if unknown."""
-    return model_index(path).get("_class_name")
-
-
-def refuse_pipeline(cls: str | None, model: str) -> None:
-    if cls == SDXL_PIPELINE:  # SDXL's text-to-image pipeline is supported; its other pipelines are not
-        return
-    for family, why in REFUSED_PIPELINES.items():
-        if cls is not None and cls.startswith(family):
-            raise UsageError(f"{model} is a {cls}: {why}; use an SD 1.x, 2.x or SDXL text-to-image model, "
-                             "or --model toy.")
-
-
-def is_unconditional(path: str) -> bool:
-    """Whether `path` is a folder of diffusers' unconditional latent pipeline (LDMPipeline)."""
-    index = Path(path) / "model_index.json"
-    return index.exists() and json.loads(index.read_text()).get("_class_name") == "LDMPipeline"
-
-
-def load_unconditional(model: str, path: str, toy: dict | None, device: torch.device, dtype: torch.dtype,
-                       sample_batch_size: int | None) -> Models:
-    """An LDMPipeline folder (toy-uncond): a VAE (in the pipeline's `vqvae` slot), an unconditional
-    UNet2DModel, the scheduler; no tokenizer or text encoder."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel
-    try:
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vqvae", torch_dtype=dtype, use_safetensors=True)
-        unet = UNet2DModel.from_pretrained(path, subfolder="unet", torch_dtype=torch.float32, use_safetensors=True)
-        scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
-    except (OSError, ValueError) as e:
-        raise UsageError(f"could not load the unconditional model in {path}: {str(e).splitlines()[0]}") from None
-    check_scheduler(scheduler, model)
-    vae.to(device).eval().requires_grad_(False)
-    models = Models(model, path, None, None, vae, unet.to(device), scheduler, device, dtype, toy)
-    models.sample_batch_size = sample_batch_size or 64
-    if toy:
-        models.sample_steps = toy["recommended"]["num_inference_steps"]
-    return models
-
-
 def unet_output(unet, x_t: torch.Tensor, t, cond: torch.Tensor | None) -> torch.Tensor:
     """The UNet's prediction for x_t at t given the text states `cond`, or given nothing for an
     unconditional UNet (cond None): the one call where the two kinds of model differ."""
@@ -954,6 +857,103 @@ def seed_and_device(seed: int, device: str = "auto", mixed_precision: str = "no"
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return dev, dtypes[mixed_precision]
+
+
+def saved_run(model: str) -> dict | None:
+    """The run.json of a saved run folder given as --model (unet/ and run.json, no pipeline of its
+    own: the run continues from it), else None."""
+    folder = Path(model)
+    has_result = (folder / "unet").is_dir() or (folder / LORA_FILE).exists()
+    if (folder / "run.json").exists() and has_result and not (folder / "model_index.json").exists():
+        return json.loads((folder / "run.json").read_text())
+    return None
+
+
+def load_run_unet(folder: str | Path, device: torch.device | str = "cpu"):
+    """The UNet a saved run leaves: its unet/, or for a LoRA run the UNet it started from (the base
+    model, or the earlier run it continued) with its adapters merged into the weights."""
+    folder = Path(folder)
+    if (folder / "unet").is_dir():
+        return load_unet(folder / "unet", device)
+    start = json.loads((folder / "run.json").read_text())["args"]["model"]
+    unet = load_run_unet(start, device) if saved_run(start) else load_unet(resolve_model(start)[0], device)
+    unet.load_lora_adapter(str(folder), prefix="unet", weight_name=LORA_FILE)
+    unet.fuse_lora()
+    unet.unload_lora()  # a plain UNet again: W + B A in its weights
+    return unet.eval()
+
+
+def base_model_name(model: str) -> str:
+    """The base model behind --model, as a method's defaults see it: a saved run folder stands for
+    the base model its run.json names ('toy', a hub id, a folder); any other name is itself."""
+    run = saved_run(model)
+    return run["base_model"] if run else model
+
+
+# Pipeline families (model_index.json's class name starts with the key) the methods here cannot
+# train, refused in one sentence before any weight loads; SDXL's text-to-image pipeline is not.
+SDXL_PIPELINE = "StableDiffusionXLPipeline"
+REFUSED_PIPELINES = {
+    "StableDiffusionXL": "of SDXL's pipelines only the text-to-image one (StableDiffusionXLPipeline) is "
+                                 "supported: the refiner and the image-conditioned ones condition the UNet otherwise",
+    "StableDiffusion3": "SD3 is a flow-matching transformer (MMDiT), not a UNet sampled with DDIM, "
+                                "which every method here is written for",
+    "Flux": "FLUX is a flow-matching transformer, not a UNet sampled with DDIM, which every method "
+                    "here is written for",
+}
+
+
+def model_index(path: str) -> dict:
+    """A diffusers folder's or hub id's model_index.json ({} if unknown: offline, not a hub id; the
+    loading then says so in its own words)."""
+    index = Path(path) / "model_index.json"
+    try:
+        if not index.exists():
+            from huggingface_hub import hf_hub_download
+            index = Path(hf_hub_download(path, "model_index.json"))
+        return json.loads(index.read_text())
+    except Exception:
+        return {}
+
+
+def pipeline_class(path: str) -> str | None:
+    """The pipeline class a diffusers folder or hub id declares (model_index.json), None if unknown."""
+    return model_index(path).get("_class_name")
+
+
+def refuse_pipeline(cls: str | None, model: str) -> None:
+    if cls == SDXL_PIPELINE:  # SDXL's text-to-image pipeline is supported; its other pipelines are not
+        return
+    for family, why in REFUSED_PIPELINES.items():
+        if cls is not None and cls.startswith(family):
+            raise UsageError(f"{model} is a {cls}: {why}; use an SD 1.x, 2.x or SDXL text-to-image model, "
+                             "or --model toy.")
+
+
+def is_unconditional(path: str) -> bool:
+    """Whether `path` is a folder of diffusers' unconditional latent pipeline (LDMPipeline)."""
+    index = Path(path) / "model_index.json"
+    return index.exists() and json.loads(index.read_text()).get("_class_name") == "LDMPipeline"
+
+
+def load_unconditional(model: str, path: str, toy: dict | None, device: torch.device, dtype: torch.dtype,
+                       sample_batch_size: int | None) -> Models:
+    """An LDMPipeline folder (toy-uncond): a VAE (in the pipeline's `vqvae` slot), an unconditional
+    UNet2DModel, the scheduler; no tokenizer or text encoder."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel
+    try:
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vqvae", torch_dtype=dtype, use_safetensors=True)
+        unet = UNet2DModel.from_pretrained(path, subfolder="unet", torch_dtype=torch.float32, use_safetensors=True)
+        scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
+    except (OSError, ValueError) as e:
+        raise UsageError(f"could not load the unconditional model in {path}: {str(e).splitlines()[0]}") from None
+    check_scheduler(scheduler, model)
+    vae.to(device).eval().requires_grad_(False)
+    models = Models(model, path, None, None, vae, unet.to(device), scheduler, device, dtype, toy)
+    models.sample_batch_size = sample_batch_size or 64
+    if toy:
+        models.sample_steps = toy["recommended"]["num_inference_steps"]
+    return models
 
 
 # The shipped toy models: the text-to-image toy, and the unconditional one of VDU's class setting
