@@ -861,12 +861,15 @@ def seed_and_device(seed: int, device: str = "auto", mixed_precision: str = "no"
 
 def saved_run(model: str) -> dict | None:
     """The run.json of a saved run folder given as --model (unet/ and run.json, no pipeline of its
-    own: the run continues from it), else None."""
+    own: the run continues from it), else None. A run.json beside neither unet/ nor adapter weights
+    is a run that never finished: refused."""
     folder = Path(model)
-    has_result = (folder / "unet").is_dir() or (folder / LORA_FILE).exists()
-    if (folder / "run.json").exists() and has_result and not (folder / "model_index.json").exists():
-        return json.loads((folder / "run.json").read_text())
-    return None
+    if not (folder / "run.json").exists() or (folder / "model_index.json").exists():
+        return None
+    if not ((folder / "unet").is_dir() or (folder / LORA_FILE).exists()):
+        raise UsageError(f"{model} is not a finished run (run.json but no unet/ or {LORA_FILE}): give a "
+                         "run folder a method completed, or a base model.")
+    return json.loads((folder / "run.json").read_text())
 
 
 def load_run_unet(folder: str | Path, device: torch.device | str = "cpu"):

@@ -137,3 +137,9 @@ def test_a_chain_refuses_a_concept_it_already_erased_and_a_base_model_that_canno
     r = run_script("pure.py", "--model", run, "--concept", "square", "--output-dir", tmp_path / "out")
     assert r.returncode == 2 and "its base model, which could not be loaded" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
+    # a folder with a run.json but no result (a run that stopped before saving): refused as early
+    (tmp_path / "unfinished").mkdir()
+    (tmp_path / "unfinished" / "run.json").write_text(json.dumps({"base_model": "toy", "args": {"concept": "circle"}}))
+    r = run_script("pure.py", "--model", tmp_path / "unfinished", "--concept", "square", "--output-dir", tmp_path / "o2")
+    assert r.returncode == 2 and "is not a finished run" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "o2").exists()
