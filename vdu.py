@@ -273,7 +273,8 @@ def train(args: Args, models: common.Models, unet_ref, params, anchor, precision
         if shown["A"] > args.divergence * shown["A_ref"]:
             raise common.UsageError(f"the forget loss A ran away ({shown['A']:.3g}, over {args.divergence:g}x the "
                                     f"reference's on the same batch) at step {step}; nothing was saved: "
-                                    "raise --gamma, lower --lr or bound the ascent (--ascent-bound 3).")
+                                    "raise --gamma, lower --lr or " + ("lower --ascent-bound." if args.ascent_bound
+                                                                       else "bound the ascent (--ascent-bound 3)."))
         opt.zero_grad(set_to_none=True)
         scaler.scale(total).backward()  # fp16 loss scaling (a no-op otherwise)
         scaler.step(opt)
