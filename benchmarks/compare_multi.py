@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 import eval as evaluation  # noqa: E402
-from benchmarks.compare_toy import (RECORDS as SINGLE, SEEDS, TEST_SEEDS, commit, finish, fmt, holm,  # noqa: E402
-                                    require_clean_tree, shard, write_json)
+from benchmarks.compare_toy import (RECORDS as SINGLE, SEEDS, TEST_SEEDS, commit, concept_means, finish,  # noqa: E402
+                                    fmt, holm, require_clean_tree, shard, write_json)
 
 METHODS = ["pure", "mim_mu", "vdu", "rl_critic", "esd", "salun"]
 SETS = [["circle", "striped"], ["circle", "diamond"], ["square", "triangle", "dotted"]]
@@ -179,7 +179,7 @@ def report(records: dict, seeds: list[int]) -> list[str]:
             continue
         uas = [stage_uas(r) for r in recs]
         cells = [spread([u[i][c] for u in uas], 0) for c_i, c in enumerate(SEQUENCE) for i in range(c_i, 3)]
-        worst = max(seed_means(resurgence_units(recs)).values())
+        worst = max(concept_means(resurgence_units(recs)))
         rows.append([label(method), *cells, fmt(worst), spread([sequence_drop(r) for r in recs]), f"{len(recs)}",
                      "yes" if worst <= RESURGENCE_BAR else "no"])
     if rows:
@@ -249,14 +249,6 @@ def degradation_units(records: dict, method: str) -> dict:
     return out
 
 
-def seed_means(units: dict) -> dict:
-    """{(unit, seed): value} -> {unit: mean over its seeds}."""
-    by = {}
-    for (u, _), v in sorted(units.items()):
-        by.setdefault(u, []).append(v)
-    return {u: float(np.mean(v)) for u, v in by.items()}
-
-
 def claims_rows(records: dict) -> list[list[str]]:
     """MiM-MU's two claims: its own bars (means over seeds, no interval), then paired against SalUn
     and each other method on the (unit, seed) pairs both have, seeds averaged within a unit, signed
@@ -267,14 +259,14 @@ def claims_rows(records: dict) -> list[list[str]]:
            "degradation": degradation_units(records, CLAIMANT)}
     rows = []
     if own["resurgence"]:
-        worst = max(seed_means(own["resurgence"]).values())
+        worst = max(concept_means(own["resurgence"]))
         rows.append([f"MiM-MU: no resurgence (every earlier concept's fall <= {RESURGENCE_BAR:.0f} points)",
-                     str(len(seed_means(own["resurgence"]))), f"largest fall {fmt(worst)}",
+                     str(len(concept_means(own["resurgence"]))), f"largest fall {fmt(worst)}",
                      "holds" if worst <= RESURGENCE_BAR else "fails", "- (a bar)"])
     if own["degradation"]:
-        worst = max(seed_means(own["degradation"]).values())
+        worst = max(concept_means(own["degradation"]))
         rows.append([f"MiM-MU: no degradation of unrelated concepts (never-erased drop <= {bar_drop:.0f} points, "
-                     "its bar)", str(len(seed_means(own["degradation"]))), f"largest drop {fmt(worst)}",
+                     "its bar)", str(len(concept_means(own["degradation"]))), f"largest drop {fmt(worst)}",
                      "holds" if worst <= bar_drop else "fails", "- (a bar)"])
     families = {RIVAL: [], "others": []}
     for other in [RIVAL] + [m for m in METHODS if m not in (CLAIMANT, RIVAL)]:
@@ -284,9 +276,9 @@ def claims_rows(records: dict) -> list[list[str]]:
                                                                                    "less than")):
             pairs = {k: theirs[metric][k] - v for k, v in own[metric].items() if k in theirs[metric]}
             if pairs:
-                means = seed_means(pairs)
+                means = concept_means(pairs)  # each unit's mean over its seeds
                 families[RIVAL if other == RIVAL else "others"].append(
-                    finish("MiM-MU", f"{text} {label(other)}", metric, other, "summary", +1, list(means.values()),
+                    finish("MiM-MU", f"{text} {label(other)}", metric, other, "summary", +1, means,
                            list(pairs), 0.95, len(means)))
     for c in holm(families[RIVAL]) + holm(families["others"]):
         figure = "-" if c["n"] < 2 else f"{fmt(c['mean'])} [{fmt(c['low'])}, {fmt(c['high'])}]"
