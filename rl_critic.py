@@ -293,28 +293,19 @@ def normalise_advantages(adv: torch.Tensor, n_train: int) -> torch.Tensor:
     return ((adv - trained.mean()) / (trained.std() + 1e-8)).clamp(-5, 5)
 
 
-class PerPromptStats:
-    """DDPO's per-prompt reward normalisation (the terminal-reward ablation): each prompt's last
-    `buffer` rewards give its mean and std; a prompt seen fewer than `min_count` times is
-    normalised with the mean and std of the whole batch instead. DDPO's defaults: 16 and 16."""
-
-    def __init__(self, buffer: int = 16, min_count: int = 16):
-        self.buffer, self.min_count, self.seen = buffer, min_count, {}
-
-    def normalise(self, prompts: list[str], r: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_like(r)
-        for p in dict.fromkeys(prompts):
-            idx = torch.tensor([i for i, q in enumerate(prompts) if q == p])
-            self.seen[p] = (self.seen.get(p, []) + r[idx].tolist())[-self.buffer:]
-            ref = torch.tensor(self.seen[p]) if len(self.seen[p]) >= self.min_count else r
-            out[idx] = (r[idx] - ref.mean()) / (ref.std(unbiased=False) + 1e-6)
-        return out
-
-
-def terminal_advantages(raw: torch.Tensor, prompts: list[str], stats: PerPromptStats, T: int) -> torch.Tensor:
-    """The ablation without a critic: A_t = the trajectory's final reward, normalised per prompt,
-    the same at every step (DDPO), clipped to +-5 as DDPO clips it."""
-    return stats.normalise(prompts, raw)[:, None].expand(-1, T).clamp(-5, 5)
+def terminal_advantages(raw: torch.Tensor, prompts: list[str], seen: dict, T: int, buffer: int = 16,
+                        min_count: int = 16) -> torch.Tensor:
+    """The ablation without a critic: A_t = the trajectory's final reward normalised per prompt, the
+    same at every step, clipped to +-5 (DDPO, with its defaults 16 and 16). `seen` keeps each
+    prompt's last `buffer` rewards, which give its mean and std; a prompt seen fewer than
+    `min_count` times is normalised with the mean and std of the whole batch instead."""
+    r = torch.empty_like(raw)
+    for p in dict.fromkeys(prompts):
+        idx = torch.tensor([i for i, q in enumerate(prompts) if q == p])
+        seen[p] = (seen.get(p, []) + raw[idx].tolist())[-buffer:]
+        ref = torch.tensor(seen[p]) if len(seen[p]) >= min_count else raw
+        r[idx] = (raw[idx] - ref.mean()) / (ref.std(unbiased=False) + 1e-6)
+    return r[:, None].expand(-1, T).clamp(-5, 5)
 
 
 def ppo_loss(log_prob: torch.Tensor, log_prob_old: torch.Tensor, adv: torch.Tensor, clip_range: float):
@@ -421,8 +412,8 @@ def train(args: Args, models: common.Models, ps: common.PromptSet, unet_ref, par
     critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)
     judge = evaluation.Judge(models, clip) if args.reward == "classifier" else None
     g = torch.Generator().manual_seed(args.seed)
-    buffer, replay, log = [], [], {}
-    terminal, per_prompt = args.advantages == "terminal", PerPromptStats()
+    buffer, replay, seen = [], [], {}  # seen: each prompt's recent rewards (--advantages terminal)
+    terminal = args.advantages == "terminal"
     critic_mse = None
     bar = common.progress(args.iterations + 1, "CGRU")
     for it in bar:
@@ -436,7 +427,7 @@ def train(args: Args, models: common.Models, ps: common.PromptSet, unet_ref, par
         r = shape_rewards(raw, f, reward_stats)
         reward_var = r.var().item()
         if terminal:  # the ablation: no critic; A_t = the final reward, normalised per prompt (DDPO)
-            adv = terminal_advantages(raw, roll["prompts"], per_prompt, args.sample_steps)
+            adv = terminal_advantages(raw, roll["prompts"], seen, args.sample_steps)
         else:
             h = state_features(models, clip, roll[args.critic_input])
             # V(s_t) from the critic before it is refitted on this rollout: a baseline that has seen

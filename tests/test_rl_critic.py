@@ -326,21 +326,22 @@ def test_accumulated_minibatches_make_one_adam_step_on_their_mean_gradient(toy_m
 
 
 def test_terminal_advantages_are_the_final_reward_normalised_per_prompt_at_every_step():
-    stats = rl_critic.PerPromptStats(buffer=4, min_count=3)
+    seen = {}
     prompts = ["a circle", "a circle", "a red square", "a blue ring"]
     raw = torch.tensor([1.0, 3.0, 10.0, -4.0])
     # every prompt seen fewer than min_count times: the whole batch's mean and (population) std
-    adv = rl_critic.terminal_advantages(raw, prompts, stats, T=5)
+    adv = rl_critic.terminal_advantages(raw, prompts, seen, T=5, buffer=4, min_count=3)
     assert adv.shape == (4, 5) and torch.equal(adv, adv[:, :1].expand(-1, 5))
     assert torch.allclose(adv[:, 0], ((raw - raw.mean()) / raw.std(unbiased=False)).clamp(-5, 5), atol=1e-5)
     # "a circle" has now been seen 4 times (buffer 4): its own rewards normalise it
-    adv = rl_critic.terminal_advantages(torch.tensor([5.0, 7.0, 0.0, 0.0]), prompts, stats, T=2)
+    adv = rl_critic.terminal_advantages(torch.tensor([5.0, 7.0, 0.0, 0.0]), prompts, seen, T=2, buffer=4,
+                                         min_count=3)
     own = torch.tensor([1.0, 3.0, 5.0, 7.0])  # its last 4 rewards
     assert torch.allclose(adv[0, 0], (5.0 - own.mean()) / own.std(unbiased=False), atol=1e-5)
     assert torch.allclose(adv[1, 0], (7.0 - own.mean()) / own.std(unbiased=False), atol=1e-5)
     # extreme rewards are clipped at 5, as DDPO clips them
-    stats = rl_critic.PerPromptStats(buffer=16, min_count=100)
-    assert rl_critic.terminal_advantages(torch.tensor([0.0] * 99 + [1e3]), ["p"] * 100, stats, T=1).max() == 5
+    extreme = torch.tensor([0.0] * 99 + [1e3])
+    assert rl_critic.terminal_advantages(extreme, ["p"] * 100, {}, T=1, min_count=100).max() == 5
 
 
 @pytest.mark.slow(40)
