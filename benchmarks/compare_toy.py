@@ -1127,8 +1127,8 @@ def write_claims(records: dict, docs: Path) -> None:
         f"`{v}` = {label(v)}" for v in VARIANTS) + ". A claim on a variant reads \"not measured yet\" until "
         "its runs are recorded.", "", "MiM-MU's claims about several concepts and sequences (no resurgence, no "
         "degradation of unrelated concepts, unlike SalUn) are checked on their own units by "
-        "`benchmarks/compare_multi.py`: " + ("[multi.md](multi.md)." if (docs / "multi.md").exists() else
-                                             "no run of it is recorded yet.")]
+        "`benchmarks/compare_multi.py`: " + ("[multi.md](multi.md)." if any((RECORDS / "multi").glob("*/*.json"))
+                                             else "no run of it is recorded yet.")]
     (docs / "claims.md").write_text("\n".join(out) + "\n")
     forest_figure(claims, docs / "forest.png")
 
