@@ -34,14 +34,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 import eval as evaluation  # noqa: E402
-from benchmarks.compare_toy import (RECORDS as SINGLE, SEEDS, TEST_SEEDS, commit, concept_means, finish,  # noqa: E402
-                                    fmt, holm, require_clean_tree, shard, write_json)
+from benchmarks.compare_toy import (MULTI_RECORDS as RECORDS, RECORDS as SINGLE, SEEDS, TEST_SEEDS, commit,  # noqa: E402
+                                    concept_means, finish, fmt, holm, require_clean_tree, shard, write_json)
 
 METHODS = ["pure", "mim_mu", "vdu", "rl_critic", "esd", "salun"]
 SETS = [["circle", "striped"], ["circle", "diamond"], ["square", "triangle", "dotted"]]
 SEQUENCE = ["circle", "striped", "square"]
 RESURGENCE_BAR = 10.0  # points: an earlier concept's UA may fall at most this far below its own stage's
-RECORDS = ROOT / "benchmarks" / "records" / "multi"
 WORK = ROOT / "outputs" / "multi"
 DOC = ROOT / "docs" / "results" / "multi.md"
 # MiM-MU's claims here come from a summary of its paper, not its abstract or a table: in sequential

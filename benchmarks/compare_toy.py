@@ -89,6 +89,7 @@ SEEDS = [0, 1, 2]       # the development seeds: every default was chosen on the
 TEST_SEEDS = [3, 4, 5]  # held out: nothing was tuned on them; the headline
 N_IMAGES = 64
 RECORDS = ROOT / "benchmarks" / "records"
+MULTI_RECORDS = RECORDS / "multi"  # benchmarks/compare_multi.py's: several concepts and sequences
 ATTACKS = RECORDS / "attack"
 WORK = ROOT / "outputs" / "benchmark"
 # Records made since eval.kernel_distance leaves the paired images out of its cross term say so;
@@ -1127,7 +1128,7 @@ def write_claims(records: dict, docs: Path) -> None:
         f"`{v}` = {label(v)}" for v in VARIANTS) + ". A claim on a variant reads \"not measured yet\" until "
         "its runs are recorded.", "", "MiM-MU's claims about several concepts and sequences (no resurgence, no "
         "degradation of unrelated concepts, unlike SalUn) are checked on their own units by "
-        "`benchmarks/compare_multi.py`: " + ("[multi.md](multi.md)." if any((RECORDS / "multi").glob("*/*.json"))
+        "`benchmarks/compare_multi.py`: " + ("[multi.md](multi.md)." if any(MULTI_RECORDS.glob("*/*.json"))
                                              else "no run of it is recorded yet.")]
     (docs / "claims.md").write_text("\n".join(out) + "\n")
     forest_figure(claims, docs / "forest.png")
