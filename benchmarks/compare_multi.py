@@ -137,20 +137,33 @@ def spread(values: list[float], digits: int = 1) -> str:
     return f"{fmt(np.mean(values), digits)} ({fmt(min(values), digits)} to {fmt(max(values), digits)})"
 
 
-def single_train_time(method: str, concepts: list[str], seeds: list[int]) -> float | None:
-    """The mean training time of the method's one-concept benchmark runs of these concepts and seeds
+def singles(method: str, concepts: list[str], seeds: list[int]) -> dict | None:
+    """The method's one-concept benchmark records of these concepts and seeds, by (concept, seed)
     (None unless every one was recorded)."""
-    paths = [SINGLE / method / f"{c}-seed{s}.json" for c in concepts for s in seeds]
-    if not all(p.exists() for p in paths):
+    paths = {(c, s): SINGLE / method / f"{c}-seed{s}.json" for c in concepts for s in seeds}
+    if not all(p.exists() for p in paths.values()):
         return None
-    return float(np.mean([json.loads(p.read_text())["train_time_s"] for p in paths]))
+    return {key: json.loads(p.read_text()) for key, p in paths.items()}
+
+
+def alone_row(method: str, concepts: list[str], seeds: list[int]) -> list[str] | None:
+    """The same concepts erased one per run (the one-concept benchmark, same seeds): each concept's
+    UA, the in-domain drop (per seed, the mean over the concepts) and whether every UA reaches the bar."""
+    recs = singles(method, concepts, seeds)
+    if recs is None:
+        return None
+    ua = lambda c: [100 * recs[c, s]["unlearned"]["ua"] for s in seeds]  # noqa: E731
+    drop = lambda m: 100 * (m["base"]["retain_in"] - m["unlearned"]["retain_in"])  # noqa: E731
+    drops = [np.mean([drop(recs[c, s]) for c in concepts]) for s in seeds]
+    forgets = all(np.mean(ua(c)) >= 100 * evaluation.BAR_UA for c in concepts)
+    return [*[spread(ua(c)) for c in concepts], spread(drops), "yes" if forgets else "no"]
 
 
 def report(records: dict, seeds: list[int]) -> list[str]:
     label = lambda m: evaluation.METHODS[m]["label"]  # noqa: E731
     lines = []
     for concepts in SETS:
-        rows = []
+        rows, alone_rows = [], []
         for method in METHODS:
             recs = [r for (m, s, _), r in sorted(records.items()) if m == method and s == slug(concepts)]
             if not recs:
@@ -160,17 +173,28 @@ def report(records: dict, seeds: list[int]) -> list[str]:
             uas = [spread([100 * r["metrics"]["concepts"][c]["unlearned"]["ua"] for r in recs]) for c in concepts]
             drop = spread(per(lambda m: 100 * (m["base"]["retain_in"] - m["unlearned"]["retain_in"])))
             cross = spread(per(lambda m: 100 * (m["base"]["retain_cross"] - m["unlearned"]["retain_cross"])))
-            single = single_train_time(method, concepts, [r["seed"] for r in recs])
-            ratio = fmt(np.mean([r["train_time_s"] for r in recs]) / single, 2) if single else "-"
+            seeds_run = [r["seed"] for r in recs]
+            single = singles(method, concepts, seeds_run)
+            time_alone = np.mean([x["train_time_s"] for x in single.values()]) if single else None
+            ratio = fmt(np.mean([r["train_time_s"] for r in recs]) / time_alone, 2) if single else "-"
             forgets = all(np.mean([r["metrics"]["concepts"][c]["unlearned"]["ua"] for r in recs]) >= evaluation.BAR_UA
                           for c in concepts)
             rows.append([label(method), *uas, drop, cross, ratio, f"{len(recs)}", "yes" if forgets else "no"])
+            alone_rows.append([label(method), *(alone_row(method, concepts, seeds_run) or [])])
         if rows:
             lines += [f"### {' + '.join(concepts)}", "",
                       evaluation.markdown_table(["method", *[f"UA {c} (%)" for c in concepts],
                                                  "in-domain drop, never erased (pts)", "cross-domain drop (pts)",
                                                  "training time / one concept's", "seeds", "every UA >= 90%"],
                                                 rows), ""]
+        alone_rows = [r for r in alone_rows if len(r) > 1]
+        if alone_rows:
+            lines += ["The same concepts erased one per run (the one-concept benchmark's runs, same seeds): "
+                      "what the method reaches on each concept alone, the in-domain drop over the values of "
+                      "each concept's kind but that concept (per seed, the mean over the concepts).", "",
+                      evaluation.markdown_table(["method", *[f"UA {c} alone (%)" for c in concepts],
+                                                 "in-domain drop alone (pts)", "every UA >= 90% alone"],
+                                                alone_rows), ""]
     rows = []
     for method in METHODS:
         recs = sequence_records(records, method)

@@ -21,8 +21,9 @@ def test_sets_and_a_sequence_become_records_and_a_page_with_resurgence(tmp_path,
     monkeypatch.setattr(cm, "commit", lambda: "abc1234")
     monkeypatch.setattr(cm, "SINGLE", tmp_path / "single")
     (tmp_path / "single" / "mim_mu").mkdir(parents=True)
-    for c in ("circle", "striped"):  # one-concept runs of 100 s: the pair took twice as long
-        (tmp_path / "single" / "mim_mu" / f"{c}-seed3.json").write_text(json.dumps({"train_time_s": 100.0}))
+    for c, ua in (("circle", 0.8), ("striped", 0.97)):  # one-concept runs of 100 s: the pair took twice as long
+        (tmp_path / "single" / "mim_mu" / f"{c}-seed3.json").write_text(json.dumps(
+            {"train_time_s": 100.0, "base": {"retain_in": 0.9}, "unlearned": {"ua": ua, "retain_in": 0.88}}))
     stage_ua = {"circle": 0.97, "striped": 0.93, "square": 0.99}
 
     def train(method, model, concepts, seed, out):  # the method's report, without training
@@ -46,6 +47,8 @@ def test_sets_and_a_sequence_become_records_and_a_page_with_resurgence(tmp_path,
     assert "## Held-out seeds 3-5" in page and "Development seeds" not in page
     assert "| MiM-MU | 95.0 | 95.0 | 5.0 | 10.0 | 2.00 | 1 | yes |" in page  # UAs, never-erased drops, time
     assert "| MiM-MU | 95.0 | 95.0 | 5.0 | 10.0 | - | 1 | yes |" in page    # circle + diamond: no one-concept diamond
+    # beside the pair, the same concepts alone: circle's 80% misses the bar the pair meets
+    assert "| MiM-MU | 80.0 | 97.0 | 2.0 | no |" in page and page.count("UA circle alone") == 1
     # the resurgence row: UAs after each stage, the largest fall, the never-erased drop at the end
     assert "| MiM-MU | 97 | 87 | 77 | 93 | 90 | 99 | 20.0 | 5.0 | 1 | no |" in page
     assert (tmp_path / "multi_sequence_seeds3-5.png").exists() and "](multi_sequence_seeds3-5.png)" in page
