@@ -146,15 +146,16 @@ def singles(method: str, concepts: list[str], seeds: list[int]) -> dict | None:
     return {key: json.loads(p.read_text()) for key, p in paths.items()}
 
 
-def alone_row(method: str, concepts: list[str], seeds: list[int]) -> list[str] | None:
-    """The same concepts erased one per run (the one-concept benchmark, same seeds): each concept's
-    UA, the in-domain drop (per seed, the mean over the concepts) and whether every UA reaches the bar."""
-    recs = singles(method, concepts, seeds)
-    if recs is None:
-        return None
+def in_domain_drop(report: dict) -> float:
+    """Points of in-domain retain a report's unlearned model lost against its base."""
+    return 100 * (report["base"]["retain_in"] - report["unlearned"]["retain_in"])
+
+
+def alone_row(recs: dict, concepts: list[str], seeds: list[int]) -> list[str]:
+    """The same concepts erased one per run (`recs`: singles'): each concept's UA, the in-domain drop
+    (per seed, the mean over the concepts) and whether every UA reaches the bar."""
     ua = lambda c: [100 * recs[c, s]["unlearned"]["ua"] for s in seeds]  # noqa: E731
-    drop = lambda m: 100 * (m["base"]["retain_in"] - m["unlearned"]["retain_in"])  # noqa: E731
-    drops = [np.mean([drop(recs[c, s]) for c in concepts]) for s in seeds]
+    drops = [np.mean([in_domain_drop(recs[c, s]) for c in concepts]) for s in seeds]
     forgets = all(np.mean(ua(c)) >= 100 * evaluation.BAR_UA for c in concepts)
     return [*[spread(ua(c)) for c in concepts], spread(drops), "yes" if forgets else "no"]
 
@@ -171,23 +172,23 @@ def report(records: dict, seeds: list[int]) -> list[str]:
             # per seed: the mean over the set's concepts (each concept's report keeps what none of them names)
             per = lambda f: [np.mean([f(r["metrics"]["concepts"][c]) for c in concepts]) for r in recs]  # noqa: E731
             uas = [spread([100 * r["metrics"]["concepts"][c]["unlearned"]["ua"] for r in recs]) for c in concepts]
-            drop = spread(per(lambda m: 100 * (m["base"]["retain_in"] - m["unlearned"]["retain_in"])))
+            drop = spread(per(in_domain_drop))
             cross = spread(per(lambda m: 100 * (m["base"]["retain_cross"] - m["unlearned"]["retain_cross"])))
             seeds_run = [r["seed"] for r in recs]
             single = singles(method, concepts, seeds_run)
             time_alone = np.mean([x["train_time_s"] for x in single.values()]) if single else None
             ratio = fmt(np.mean([r["train_time_s"] for r in recs]) / time_alone, 2) if single else "-"
+            if single:  # the same concepts erased one per run, from the records just read
+                alone_rows.append([label(method), *alone_row(single, concepts, seeds_run)])
             forgets = all(np.mean([r["metrics"]["concepts"][c]["unlearned"]["ua"] for r in recs]) >= evaluation.BAR_UA
                           for c in concepts)
             rows.append([label(method), *uas, drop, cross, ratio, f"{len(recs)}", "yes" if forgets else "no"])
-            alone_rows.append([label(method), *(alone_row(method, concepts, seeds_run) or [])])
         if rows:
             lines += [f"### {' + '.join(concepts)}", "",
                       evaluation.markdown_table(["method", *[f"UA {c} (%)" for c in concepts],
                                                  "in-domain drop, never erased (pts)", "cross-domain drop (pts)",
                                                  "training time / one concept's", "seeds", "every UA >= 90%"],
                                                 rows), ""]
-        alone_rows = [r for r in alone_rows if len(r) > 1]
         if alone_rows:
             lines += ["The same concepts erased one per run (the one-concept benchmark's runs, same seeds): "
                       "what the method reaches on each concept alone, the in-domain drop over the values of "
@@ -243,8 +244,7 @@ def sequence_records(records: dict, method: str) -> list[dict]:
 def sequence_drop(rec: dict) -> float:
     """After the last stage of a sequence: the in-domain retain drop (points) over the values of its
     kind that no stage erased, against the original base model."""
-    m = rec["stages"][-1]["metrics"]
-    return 100 * (m["base"]["retain_in"] - m["unlearned"]["retain_in"])
+    return in_domain_drop(rec["stages"][-1]["metrics"])
 
 
 def resurgence_units(recs: list[dict]) -> dict:
@@ -267,8 +267,7 @@ def degradation_units(records: dict, method: str) -> dict:
             out[("sequence", seed)] = sequence_drop(r)
         elif name in [slug(c) for c in SETS]:
             reports = r["metrics"]["concepts"].values()
-            out[(name, seed)] = float(np.mean([100 * (rep["base"]["retain_in"] - rep["unlearned"]["retain_in"])
-                                               for rep in reports]))
+            out[(name, seed)] = float(np.mean([in_domain_drop(rep) for rep in reports]))
     return out
 
 
